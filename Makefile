@@ -1,0 +1,31 @@
+# Targets a new user needs; README.md names `make install`, `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= all,dev
+
+.PHONY: install test lint demo bench clean
+
+install: $(BIN)/hepopt
+
+$(BIN)/hepopt: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	@touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+demo: install
+	$(BIN)/python examples/quadratic/idds_loop.py
+
+bench: install
+	$(BIN)/python benchmarks/steering_latency.py
+	$(BIN)/python benchmarks/steering_quality.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

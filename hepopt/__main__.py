@@ -1,0 +1,5 @@
+import sys
+
+from hepopt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+
+from hepopt.errors import SpecError
+from hepopt.task import MAX_POINTS_LIMIT, load_task, parse_task
+
+SPACE = {"lr": {"method": "loguniform", "dimension": {"low": 1e-6, "high": 3e-2}}}
+MINIMAL = {"evaluationExec": "python train.py", "searchSpace": SPACE}
+
+
+def test_defaults_follow_phpo():
+    task = parse_task(MINIMAL)
+    assert task.evaluationInput == "input.json"
+    assert task.evaluationOutput == "output.json"
+    assert task.evaluationTrainingData == "input_ds.json"
+    assert task.checkPointInterval == 5
+    assert task.maxPoints == 10 and task.evaluation_jobs_limit == 20
+    assert task.nParallelEvaluation == 1 and task.nPointsPerIteration == 2 and task.minUnevaluatedPoints == 0
+    assert task.hepopt.maxAttempts == 3 and task.hepopt.direction == "minimize"
+    assert task.hepopt.failedLoss is None
+
+
+@pytest.mark.parametrize("change, location", [
+    ({"maxPoints": 0}, "maxPoints"),
+    ({"maxPoints": "10"}, "maxPoints"),
+    ({"maxPoints": 10.5}, "maxPoints"),
+    ({"maxPoints": MAX_POINTS_LIMIT + 1}, "maxPoints"),
+    ({"nParallelEvaluation": True}, "nParallelEvaluation"),
+    ({"evaluationExec": ""}, "evaluationExec"),
+    ({"evaluationExc": "typo"}, "evaluationExc"),
+    ({"hepopt": {"method": "bayes"}}, "hepopt"),
+    ({"hepopt": {"direction": "up"}}, "hepopt.direction"),
+    ({"hepopt": {"seed": "1"}}, "hepopt.seed"),
+    ({"hepopt": {"earlyStopping": {"policy": "magic"}}}, "hepopt.earlyStopping.policy"),
+    ({"searchSpace": {}}, "searchSpace"),
+    ({"searchSpace": {"lr": {"method": "uniform", "dimension": {"low": 1, "high": 0}}}}, "searchSpace.lr.dimension"),
+])
+def test_bad_tasks_are_refused_naming_the_key(change, location):
+    with pytest.raises(SpecError) as exc:
+        parse_task({**MINIMAL, **change})
+    assert location in [loc for loc, _ in exc.value.problems], exc.value.problems
+
+
+def test_search_space_must_be_given_exactly_once():
+    with pytest.raises(SpecError, match="exactly one"):
+        parse_task({"evaluationExec": "x"})
+    with pytest.raises(SpecError, match="exactly one"):
+        parse_task({**MINIMAL, "searchSpaceFile": "space.json"})
+
+
+def test_search_space_file_is_read_relative_to_the_task(tmp_path):
+    (tmp_path / "space.json").write_text(json.dumps(SPACE))
+    (tmp_path / "task.json").write_text(json.dumps({"evaluationExec": "x", "searchSpaceFile": "space.json"}))
+    task = load_task(tmp_path / "task.json")
+    assert task.space.names == ("lr",)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", "empty"),
+    ('{"evaluationExec": "x", ', "invalid JSON at line 1"),
+    ("[1, 2]", "a task is a JSON object"),
+])
+def test_bad_files_name_the_file_and_line(tmp_path, text, expected):
+    path = tmp_path / "task.json"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=expected) as exc:
+        load_task(path)
+    assert str(path) in str(exc.value)
+
+
+def test_missing_file_and_missing_space_file(tmp_path):
+    with pytest.raises(SpecError, match="not found"):
+        load_task(tmp_path / "nope.json")
+    (tmp_path / "task.json").write_text(json.dumps({"evaluationExec": "x", "searchSpaceFile": "gone.json"}))
+    with pytest.raises(SpecError, match="gone.json.*not found"):
+        load_task(tmp_path / "task.json")
+
+
+def test_phpo_export_drops_only_the_hepopt_block():
+    task = parse_task({**MINIMAL, "maxPoints": 4, "hepopt": {"method": "random", "seed": 3}})
+    phpo = task.to_phpo()
+    assert "hepopt" not in phpo
+    assert phpo["maxPoints"] == 4 and phpo["searchSpace"] == SPACE
+    assert parse_task(task.to_json()) == task
