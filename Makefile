@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= all,dev
 
-.PHONY: install test lint demo bench clean
+.PHONY: install system-deps test lint demo bench clean
 
 install: $(BIN)/hepopt
 
@@ -13,6 +13,11 @@ $(BIN)/hepopt: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
 	@touch $@
+
+# Real components the integration tests start (DESIGN.md §6): a private PostgreSQL server.
+system-deps:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then echo "postgresql: present"; \
+	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; fi
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -116,7 +116,7 @@ class Dimension:
         elif self.low is not None:
             x = min(max(x, self.low), self.high)
         if self.integer:
-            return int(round(x))
+            return round(x)
         return float(x)
 
     def _q_index_range(self) -> tuple[int, int]:
@@ -148,7 +148,8 @@ class Dimension:
     def canonical(self, value: Any) -> Any:
         """A hashable, normalised form of ``value`` used to detect duplicate points."""
         if self.kind == "categorical":
-            return ("c", self.choices.index(value)) if value in self.choices else ("v", repr(value))
+            index = _choice_index(value, self.choices)
+            return ("c", index) if index is not None else ("v", repr(value))
         if self.kind == "fixed":
             return repr(value)
         return float(value)
@@ -170,9 +171,16 @@ class Dimension:
         return None
 
 
-def _in_choices(value: Any, choices: tuple[Any, ...]) -> bool:
+def _choice_index(value: Any, choices: tuple[Any, ...]) -> int | None:
     # 1 == True in Python; a bool category must not match an int value or the reverse.
-    return any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in choices)
+    for i, c in enumerate(choices):
+        if value == c and isinstance(value, bool) == isinstance(c, bool):
+            return i
+    return None
+
+
+def _in_choices(value: Any, choices: tuple[Any, ...]) -> bool:
+    return _choice_index(value, choices) is not None
 
 
 class SearchSpace:
@@ -300,7 +308,7 @@ class SearchSpace:
         """Every flat point of a finite space, in lexicographic order of the dimensions."""
         values = [d.grid_values() for d in self.dimensions]
         for combo in itertools.product(*values):
-            yield dict(zip(self.names, combo))
+            yield dict(zip(self.names, combo, strict=True))
 
 
 def _array_name(flat_name: str) -> str:

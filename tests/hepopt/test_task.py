@@ -73,7 +73,7 @@ def test_missing_file_and_missing_space_file(tmp_path):
     with pytest.raises(SpecError, match="not found"):
         load_task(tmp_path / "nope.json")
     (tmp_path / "task.json").write_text(json.dumps({"evaluationExec": "x", "searchSpaceFile": "gone.json"}))
-    with pytest.raises(SpecError, match="gone.json.*not found"):
+    with pytest.raises(SpecError, match=r"gone\.json.*not found"):
         load_task(tmp_path / "task.json")
 
 

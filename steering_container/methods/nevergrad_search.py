@@ -1,0 +1,332 @@
+"""Nevergrad optimisers as steering methods: ``nevergrad:<Name>`` for any name in ``ng.optimizers.registry``.
+
+Steering is stateless (DESIGN.md §3.3), so every call builds a fresh optimiser, replays the history into it
+with "tell not asked" and asks for new points:
+
+* Done points are told with their loss; failed and pending points with the worst loss seen so far (a
+  pessimistic constant liar), which steers the optimiser away from crashing regions and from points already
+  being evaluated without distorting the loss scale the way a huge penalty would. Before any point is done
+  there is nothing to compare with, so they are not told. None of them is ever proposed again:
+  ``Problem.claim`` refuses every known point, and an asked candidate that duplicates one is told its known
+  loss (or the liar) before asking again.
+* ``num_workers`` is the batch size (at least ``MIN_WORKERS``: sequential-only optimisers, such as the
+  Cobyla that NGOpt picks for one worker, cannot learn from points they did not ask for);
+  ``budget`` is what is replayed plus this batch and one more: the study's real budget is unknown here.
+
+Speed. Profiling (cProfile) of the obvious replay, ``spawn_child(new_value=...)`` then ``tell`` per point,
+showed 5 to 70 ms per point on the MLPF space, nearly all of it in nevergrad walking its parameter trees:
+every copy, freeze, constraint check and conversion visits each node, each Scalar is three nodes (itself,
+its ``parameters`` dict, its ``sigma``) and a ``Choice`` of k categories is k + 5. Hence:
+
+* dimensions of one kind share one nevergrad ``Array`` (per-element bounds and sigma, log kinds in log
+  space exactly as ``ng.p.Log`` does, one integer-cast array for ``uniformint``), and an unordered
+  categorical is the weight array inside ``ng.p.Choice`` (``Choice(...).indices``: the same softmax layer
+  and arity that nevergrad analyses, without a node per category); the MLPF space drops from 43 nodes to 13;
+* history values are converted to standardized data in one vectorised nevergrad call per group, and each
+  candidate is ``spawn_child().set_standardized_data(row)``;
+* wrappers that only delegate (NGOpt and the other competence maps, CMA) are bypassed: their selected
+  optimiser is told directly, which halves the work;
+* ``Choice`` is deterministic (argmax of its weights): a replayed point means exactly its category, and
+  NGOpt picks a discrete (1+1) rather than a noise-handling CMA portfolio it would pick for random choices.
+
+Even so nevergrad costs about 1 ms per told point, so at most ``REPLAY_LIMIT`` completed points are told: the
+``REPLAY_ELITES`` best plus the most recent, in history order. That is what these optimisers keep anyway (a
+(1+1) its best point, DE and PSO a population of the best, CMA the last generations); all older points still
+count for deduplication.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import heapq
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import nevergrad as ng
+import numpy as np
+
+from hepopt.errors import SpecError
+from hepopt.space import Dimension, SearchSpace
+from steering_container.api import Problem, derive_seed
+
+#: Completed points told to the optimiser at most (measured: NGOpt on MLPF stays well under 1 s).
+REPLAY_LIMIT = 120
+#: How many of those are the best points; the rest are the most recent ones.
+REPLAY_ELITES = 40
+#: Failed and pending points told at most (the most recent ones).
+LIAR_LIMIT = 40
+#: Asks per requested point before giving up; ``propose`` tops up the rest at random.
+ASKS_PER_POINT = 10
+#: Smallest ``num_workers``: keeps NGOpt away from sequential-only optimisers that refuse replayed points.
+MIN_WORKERS = 2
+#: Close matches named when an optimiser name is unknown.
+MAX_SUGGESTIONS = 5
+#: Optimisers suggested when nothing resembles an unknown name.
+EXAMPLE_OPTIMIZERS = ("NGOpt", "CMA", "TwoPointsDE", "DiscreteOnePlusOne", "OnePlusOne", "PSO", "RandomSearch")
+#: Width of a bounded dimension in units of mutation sigma (nevergrad's own default for bounded scalars).
+SIGMAS_PER_RANGE = 6.0
+
+_BOUNDED_KINDS = frozenset({"uniform", "quniform", "loguniform", "qloguniform"})
+_FREE_KINDS = frozenset({"normal", "qnormal", "lognormal", "qlognormal"})
+
+
+def check_optimizer_name(name: str) -> None:
+    """Raise SpecError unless ``name`` is a nevergrad optimiser, naming the closest ones."""
+    if name in ng.optimizers.registry:
+        return
+    known = sorted(ng.optimizers.registry)
+    by_lower = {k.lower(): k for k in known}
+    close = [by_lower[k] for k in difflib.get_close_matches(name.lower(), by_lower, n=MAX_SUGGESTIONS)]
+    hint = f"did you mean {', '.join(close)}?" if close else f"for example {', '.join(EXAMPLE_OPTIMIZERS)}"
+    raise SpecError([("method", f"unknown nevergrad optimizer {name!r}; {hint} "
+                      f"({len(known)} are known, see nevergrad.optimizers.registry)")])
+
+
+def nevergrad_method(optimizer_name: str) -> Callable[[Problem, int], list[dict[str, Any]]]:
+    """The steering method running nevergrad's ``optimizer_name``; SpecError when there is none."""
+    check_optimizer_name(optimizer_name)
+    return functools.partial(propose_nevergrad, optimizer_name)
+
+
+def propose_nevergrad(optimizer_name: str, problem: Problem, n: int) -> list[dict[str, Any]]:
+    """Up to ``n`` new points, claimed, from a fresh optimiser that has been told the history."""
+    encoding = Encoding(problem.space)
+    if not encoding.groups or n <= 0:
+        return []  # nothing to optimise: propose() fills in the only points there are
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ng.errors.NevergradWarning)
+        warnings.filterwarnings("ignore", module="cma")  # pycma's "no matplotlib" notice
+        try:
+            return _run(optimizer_name, encoding, problem, n)
+        except ng.errors.TellNotAskedNotSupportedError as exc:
+            raise SpecError([("method", f"nevergrad optimizer {optimizer_name!r} cannot learn from points it did "
+                              "not propose, which stateless steering needs; use e.g. NGOpt, CMA or "
+                              "TwoPointsDE")]) from exc
+        except ImportError as exc:
+            raise SpecError([("method", f"nevergrad optimizer {optimizer_name!r} needs a package that is not "
+                              f"installed: {exc}")]) from exc
+
+
+def _run(optimizer_name: str, encoding: Encoding, problem: Problem, n: int) -> list[dict[str, Any]]:
+    replay = replay_plan(problem)
+    parametrization = encoding.parametrization(derive_seed(problem.seed, "nevergrad", optimizer_name))
+    optimizer = _make_optimizer(optimizer_name, parametrization, budget=len(replay) + 2 * n,
+                                num_workers=max(MIN_WORKERS, n))
+    learner = _delegate(optimizer)
+    rows = encoding.standardize([flat for flat, _ in replay])
+    for row, (_, loss) in zip(rows, replay):
+        learner.tell(parametrization.spawn_child().set_standardized_data(row), loss)
+    return _ask_new(optimizer, encoding, problem, n)
+
+
+def _make_optimizer(name: str, parametrization: ng.p.Parameter, budget: int, num_workers: int) -> Any:
+    cls = ng.optimizers.registry[name]
+    try:
+        return cls(parametrization, budget=budget, num_workers=num_workers)
+    except ValueError:
+        if not getattr(cls, "no_parallelization", False):
+            raise
+        return cls(parametrization, budget=budget, num_workers=1)  # a sequential-only optimiser
+
+
+def _delegate(optimizer: Any) -> Any:
+    """The optimiser a wrapper passes every tell to (NGOpt's choice, CMA's pycma), else itself.
+
+    Telling it directly skips the wrapper's own bookkeeping, which duplicates the inner one and is never read:
+    the wrapper's asks come from the inner optimiser.
+    """
+    for wrapper in (ng.optimizers.NGOptBase, ng.optimizers.ChoiceBase):
+        if isinstance(optimizer, wrapper):
+            return optimizer.optim
+    return optimizer
+
+
+def replay_plan(problem: Problem) -> list[tuple[dict[str, Any], float]]:
+    """The (point, loss) pairs to tell, oldest first: see the module docstring for the choice."""
+    completed = problem.completed
+    if not completed:
+        return []
+    if len(completed) > REPLAY_LIMIT:
+        elites = heapq.nsmallest(REPLAY_ELITES, range(len(completed)), key=lambda i: completed[i][1])
+        recent = range(len(completed) - (REPLAY_LIMIT - REPLAY_ELITES), len(completed))
+        completed = [completed[i] for i in sorted(set(elites).union(recent))]
+    liar = max(loss for _, loss in problem.completed)
+    others = (problem.failed + problem.pending)[-LIAR_LIMIT:]
+    return completed + [(flat, liar) for flat in others]
+
+
+def _ask_new(optimizer: Any, encoding: Encoding, problem: Problem, n: int) -> list[dict[str, Any]]:
+    known = {problem.space.key(flat): loss for flat, loss in problem.completed}
+    liar = max(known.values(), default=None)
+    out: list[dict[str, Any]] = []
+    for _ in range(ASKS_PER_POINT * n):
+        candidate = optimizer.ask()
+        flat = encoding.decode(candidate.value)
+        if problem.claim(flat):
+            out.append(flat)
+            if len(out) == n:
+                break
+            continue
+        loss = known.get(problem.space.key(flat), liar)
+        if loss is not None:
+            optimizer.tell(candidate, loss)  # so that it moves on instead of asking the same point again
+    return out
+
+
+class Encoding:
+    """How the points of a SearchSpace map onto a nevergrad parametrization and back.
+
+    The parametrization is an ``ng.p.Dict`` of groups (see the module docstring); fixed dimensions and
+    one-category categoricals are constants, added back to every decoded point.
+    """
+
+    def __init__(self, space: SearchSpace):
+        self.space = space
+        self.constants = {d.name: _constant(d) for d in space.dimensions if _is_constant(d)}
+        variables = [d for d in space.dimensions if not _is_constant(d)]
+        self.groups = _make_groups(variables)
+
+    def parametrization(self, seed: int) -> ng.p.Dict:
+        parametrization = ng.p.Dict(**{g.key: g.parameter() for g in self.groups})
+        parametrization.random_state = np.random.RandomState(seed)
+        return parametrization
+
+    def standardize(self, flats: Sequence[dict[str, Any]]) -> np.ndarray:
+        """Standardized data of ``flats`` (one row each), in the Dict's layout (groups sorted by key)."""
+        if not flats:
+            return np.zeros((0, 0))
+        return np.concatenate([g.standardize(flats) for g in self.groups], axis=1)
+
+    def decode(self, value: dict[str, Any]) -> dict[str, Any]:
+        """The flat point of a candidate's value, quantized onto the values each dimension can take."""
+        flat = dict(self.constants)
+        for group in self.groups:
+            flat.update(zip((d.name for d in group.dims), group.decode(value[group.key])))
+        return {name: flat[name] for name in self.space.names}
+
+
+def _is_constant(dim: Dimension) -> bool:
+    return dim.kind == "fixed" or (dim.kind == "categorical" and len(dim.choices) == 1)
+
+
+def _constant(dim: Dimension) -> Any:
+    return dim.value if dim.kind == "fixed" else dim.choices[0]
+
+
+class _NumericGroup:
+    """Numeric dimensions of one sort ("bounded", "free" or "integer") sharing one ``ng.p.Array``.
+
+    Values live in log space for log kinds, as in ``ng.p.Log``; bounded dimensions mutate with sigma = range / 6
+    around the middle (``ng.p.Scalar``'s default), free ones with the dimension's own ``mu`` and ``sigma``.
+    """
+
+    def __init__(self, key: str, dims: Sequence[Dimension], sort: str):
+        self.key, self.dims, self.sort = key, tuple(dims), sort
+        self.log = np.array([d.is_log for d in dims])
+        if sort == "free":
+            self.lower = self.upper = None
+            self.init = np.array([d.mu for d in dims], dtype=float)
+            self.sigma = np.array([d.sigma for d in dims], dtype=float)
+            return
+        half = 0.5 if sort == "integer" else 0.0  # each integer owns a unit-wide bin
+        self.lower = self._to_native(np.array([[d.low - half for d in dims]], dtype=float))[0]
+        self.upper = self._to_native(np.array([[d.high + half for d in dims]], dtype=float))[0]
+        self.init = (self.lower + self.upper) / 2
+        self.sigma = (self.upper - self.lower) / SIGMAS_PER_RANGE
+
+    def parameter(self, rows: int = 1) -> ng.p.Array:
+        """The group's parameter, or for ``rows`` > 1 one holding that many copies side by side."""
+        tile = functools.partial(np.tile, reps=rows)
+        if self.lower is None:
+            param = ng.p.Array(init=tile(self.init), mutable_sigma=False)
+        else:
+            param = ng.p.Array(init=tile(self.init), lower=tile(self.lower), upper=tile(self.upper),
+                               mutable_sigma=False)
+        param.set_mutation(sigma=tile(self.sigma))
+        return param.set_integer_casting() if self.sort == "integer" else param
+
+    def standardize(self, flats: Sequence[dict[str, Any]]) -> np.ndarray:
+        native = self._to_native(np.array([[f[d.name] for d in self.dims] for f in flats], dtype=float))
+        return _standardize(self.parameter(len(flats)), lambda p: setattr(p, "value", native.ravel()),
+                            len(flats))
+
+    def decode(self, value: Any) -> list[Any]:
+        native = np.asarray(value, dtype=float).reshape(1, -1)
+        raw = native.copy()
+        raw[:, self.log] = np.exp(native[:, self.log])
+        return [d.quantize(float(x)) for d, x in zip(self.dims, raw[0])]
+
+    def _to_native(self, values: np.ndarray) -> np.ndarray:
+        out = values.copy()
+        out[:, self.log] = np.log(values[:, self.log])
+        return out
+
+
+class _CategoricalGroup:
+    """Categorical dimensions with the same number of categories, as one nevergrad choice of repetitions.
+
+    Unordered ones use the weight array of ``ng.p.Choice`` (deterministic); ordered ones a whole
+    ``ng.p.TransitionChoice``, whose arity some discrete optimisers read.
+    """
+
+    def __init__(self, key: str, dims: Sequence[Dimension], ordered: bool):
+        self.key, self.dims, self.ordered = key, tuple(dims), ordered
+        self.arity = len(dims[0].choices)
+
+    def parameter(self, rows: int = 1) -> ng.p.Parameter:
+        repetitions = rows * len(self.dims)
+        if self.ordered:
+            return ng.p.TransitionChoice(self.arity, repetitions=repetitions)
+        return ng.p.Choice(self.arity, repetitions=repetitions, deterministic=True).indices
+
+    def standardize(self, flats: Sequence[dict[str, Any]]) -> np.ndarray:
+        indices = np.array([[_index(d, f[d.name]) for d in self.dims] for f in flats], dtype=int).ravel()
+
+        def set_indices(param: ng.p.Parameter) -> None:
+            (param.indices if self.ordered else param).value = indices
+
+        return _standardize(self.parameter(len(flats)), set_indices, len(flats))
+
+    def decode(self, value: Any) -> list[Any]:
+        return [d.choices[int(i)] for d, i in zip(self.dims, np.ravel(value))]
+
+
+def _index(dim: Dimension, value: Any) -> int:
+    key = dim.canonical(value)
+    return next(i for i, c in enumerate(dim.choices) if dim.canonical(c) == key)
+
+
+def _standardize(reference: ng.p.Parameter, set_value: Callable[[ng.p.Parameter], None], rows: int) -> np.ndarray:
+    """Let nevergrad convert ``rows`` points at once: set them on a copy of a ``rows``-wide parameter."""
+    child = reference.spawn_child()
+    set_value(child)
+    return child.get_standardized_data(reference=reference).reshape(rows, -1)
+
+
+def _make_groups(dims: Sequence[Dimension]) -> list[_NumericGroup | _CategoricalGroup]:
+    """Group dimensions by how nevergrad represents them; keys sort in the order of the list."""
+    buckets: dict[tuple[Any, ...], list[Dimension]] = {}
+    for dim in dims:
+        buckets.setdefault(_sort_of(dim), []).append(dim)
+    groups: list[_NumericGroup | _CategoricalGroup] = []
+    for i, (sort, members) in enumerate(buckets.items()):
+        key = f"g{i:04d}"
+        if sort[0] == "categorical":
+            groups.append(_CategoricalGroup(key, members, ordered=sort[2]))
+        else:
+            groups.append(_NumericGroup(key, members, sort[0]))
+    return groups
+
+
+def _sort_of(dim: Dimension) -> tuple[Any, ...]:
+    if dim.kind == "categorical":
+        return ("categorical", len(dim.choices), dim.ordered)
+    if dim.kind == "uniformint":
+        return ("integer",)
+    if dim.kind in _BOUNDED_KINDS:
+        return ("bounded",)
+    if dim.kind in _FREE_KINDS:
+        return ("free",)
+    raise ValueError(f"no nevergrad mapping for kind {dim.kind!r}")

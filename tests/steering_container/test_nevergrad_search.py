@@ -1,0 +1,148 @@
+"""The nevergrad steering methods: valid new points, determinism, history handling, evidence of search."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from hepopt.errors import SpecError
+from hepopt.space import SearchSpace
+from steering_container.api import Observation, make_problem, propose
+from steering_container.methods import get_method
+from steering_container.methods.nevergrad_search import (
+    REPLAY_ELITES,
+    REPLAY_LIMIT,
+    Encoding,
+    check_optimizer_name,
+    propose_nevergrad,
+    replay_plan,
+)
+
+OPTIMIZERS = ("NGOpt", "CMA", "TwoPointsDE", "DiscreteOnePlusOne", "OnePlusOne")
+
+MIXED = SearchSpace.parse({
+    "lr": {"method": "loguniform", "dimension": {"low": 1e-6, "high": 3e-2}},
+    "layers": {"method": "uniformint", "dimension": {"low": 0, "high": 4}},
+    "dropout": {"method": "uniform", "dimension": {"low": 0.0, "high": 0.5}},
+    "batch": {"method": "qloguniform", "dimension": {"low": 8, "high": 512, "q": 8}},
+    "momentum": {"method": "quniform", "dimension": {"low": 0.5, "high": 0.99, "q": 0.01}},
+    "act": {"method": "categorical", "dimension": {"categories": ["relu", "elu", True, None]}},
+    "bins": {"type": "TransitionChoice", "params": {"choices": [8, 16, 32, 64]}},
+    "shift": {"method": "normal", "dimension": {"mu": 0.0, "sigma": 2.0}},
+    "scale": {"method": "lognormal", "dimension": {"mu": 0.0, "sigma": 1.0}},
+    "w": {"type": "Array", "params": {"shape": [3]}, "bounds": [-1, 1]},
+    "epochs": {"method": "fixed", "dimension": {"value": 10}},
+    "only": {"method": "categorical", "dimension": {"categories": ["adam"]}},
+})
+
+
+def mixed_history(size: int = 24, seed: int = 0) -> list[Observation]:
+    rng = random.Random(seed)
+    states = ["done"] * (size - 4) + ["pending", "pending", "failed", "pruned"]
+    out = []
+    for state in states:
+        point = MIXED.sample(rng)
+        loss = abs(math.log10(point["lr"]) + 3) + point["dropout"] if state in ("done", "pruned") else None
+        out.append(Observation(point, loss, state))
+    return out
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_proposes_n_distinct_valid_new_points_on_a_mixed_space(optimizer):
+    history = mixed_history()
+    problem = make_problem(MIXED, history, seed=3)
+    known = set(problem.seen)
+    flats = propose_nevergrad(optimizer, problem, 8)  # the method itself, without propose()'s random top-up
+    assert len(flats) == 8
+    keys = {MIXED.key(f) for f in flats}
+    assert len(keys) == 8 and not keys & known
+    for flat in flats:
+        point = MIXED.assemble(flat)
+        assert MIXED.check_point(point, "proposal") == flat
+        assert point["epochs"] == 10 and point["only"] == "adam" and len(point["w"]) == 3
+
+
+def test_every_point_of_a_tiny_space_is_proposed_once():
+    space = SearchSpace.parse({
+        "act": {"method": "categorical", "dimension": {"categories": ["relu", "elu", "tanh"]}},
+        "deep": {"method": "uniformint", "dimension": {"low": 0, "high": 1}},
+    })
+    grid = list(space.iter_grid())
+    history = [Observation(grid[0], 0.5), Observation(grid[1], None, "pending"),
+               Observation(grid[2], None, "failed"), Observation(grid[3], 0.0)]
+    remaining = {space.key(p) for p in grid[4:]}
+    for optimizer in OPTIMIZERS:
+        own = propose_nevergrad(optimizer, make_problem(space, history, seed=1), 5)
+        assert {space.key(f) for f in own} <= remaining
+        points = propose(space, history, 5, f"nevergrad:{optimizer}", seed=1)
+        assert {space.key(space.flatten(p)) for p in points} == remaining
+
+
+def test_same_seed_same_points_and_other_seed_other_points():
+    history = mixed_history()
+    first = propose(MIXED, history, 5, "nevergrad:NGOpt", seed=7)
+    assert propose(MIXED, history, 5, "nevergrad:NGOpt", seed=7) == first
+    assert propose(MIXED, history, 5, "nevergrad:NGOpt", seed=8) != first
+
+
+def test_unknown_optimizer_is_a_spec_error_naming_it_and_close_names():
+    with pytest.raises(SpecError) as caught:
+        get_method("nevergrad:NGOPt")
+    message = str(caught.value)
+    assert "'NGOPt'" in message and "NGOpt" in message.replace("'NGOPt'", "")
+    assert caught.value.problems[0][0] == "method"
+    check_optimizer_name("TwoPointsDE")  # a known name passes
+
+
+def test_a_zero_loss_is_told_as_a_real_loss_and_failed_points_get_the_worst():
+    space = SearchSpace.parse({"x": {"method": "uniform", "dimension": {"low": 0, "high": 1}}})
+    history = [Observation({"x": 0.1}, 0.0), Observation({"x": 0.5}, 2.0), Observation({"x": 0.7}, None, "failed"),
+               Observation({"x": 0.9}, None, "pending")]
+    told = replay_plan(make_problem(space, history, seed=0))
+    assert [(flat["x"], loss) for flat, loss in told] == [(0.1, 0.0), (0.5, 2.0), (0.7, 2.0), (0.9, 2.0)]
+
+
+def test_nothing_but_completed_points_is_told_before_any_completes():
+    space = SearchSpace.parse({"x": {"method": "uniform", "dimension": {"low": 0, "high": 1}}})
+    history = [Observation({"x": 0.7}, None, "failed"), Observation({"x": 0.9}, None, "pending")]
+    assert replay_plan(make_problem(space, history, seed=0)) == []
+    assert len(propose(space, history, 3, "nevergrad:NGOpt", seed=0)) == 3
+
+
+def test_long_histories_replay_the_best_and_the_most_recent_points_in_order():
+    space = SearchSpace.parse({"x": {"method": "uniform", "dimension": {"low": 0, "high": 1}}})
+    size = REPLAY_LIMIT * 3 + 1
+    loss = [float(i * 37 % size) for i in range(size)]  # a shuffle of 0..size-1
+    history = [Observation({"x": i / size}, loss[i]) for i in range(size)]
+    told = [round(flat["x"] * size) for flat, _ in replay_plan(make_problem(space, history, seed=0))]
+    best = sorted(range(size), key=loss.__getitem__)[:REPLAY_ELITES]
+    recent = list(range(size - (REPLAY_LIMIT - REPLAY_ELITES), size))
+    assert told == sorted(set(best) | set(recent))
+
+
+def test_encoding_round_trips_points_through_standardized_data():
+    encoding = Encoding(MIXED)
+    parametrization = encoding.parametrization(seed=0)
+    flats = [MIXED.flatten(MIXED.sample(random.Random(i))) for i in range(20)]
+    for flat, row in zip(flats, encoding.standardize(flats)):
+        back = encoding.decode(parametrization.spawn_child().set_standardized_data(row).value)
+        assert back.keys() == flat.keys()
+        for name, value in flat.items():
+            assert back[name] == (pytest.approx(value, rel=1e-9) if isinstance(value, float) else value), name
+
+
+def test_one_plus_one_searches_around_the_best_observed_point():
+    space = SearchSpace.parse({name: {"method": "uniform", "dimension": {"low": 0, "high": 1}} for name in "xy"})
+    target = {"x": 0.8, "y": 0.2}
+    radius = 0.15  # a random point falls this close with probability pi * 0.15**2, about 7 %
+    near, total = 0, 0
+    for seed in range(4):
+        rng = random.Random(seed)
+        history = [Observation({"x": rng.random() * 0.5, "y": 0.5 + rng.random() * 0.5}, 1.0) for _ in range(30)]
+        history.insert(rng.randrange(30), Observation(target, 0.0))
+        for point in propose(space, history, 10, "nevergrad:OnePlusOne", seed=seed):
+            near += math.dist((point["x"], point["y"]), (target["x"], target["y"])) < radius
+            total += 1
+    assert near / total > 0.3
