@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= all,dev
 
-.PHONY: install system-deps test lint demo bench clean
+.PHONY: install system-deps test lint demo demo-idds bench clean
 
 install: $(BIN)/hepopt
 
@@ -26,11 +26,15 @@ lint: install
 	$(BIN)/ruff check .
 
 demo: install
+	$(BIN)/hepopt run examples/quadratic/task.json --workers 4
+
+demo-idds: install
 	$(BIN)/python examples/quadratic/idds_loop.py
 
 bench: install
 	$(BIN)/python benchmarks/steering_latency.py
 	$(BIN)/python benchmarks/steering_quality.py
+	$(BIN)/python benchmarks/orchestrator_throughput.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,8 +1,24 @@
-"""hepopt core: task spec, search spaces, errors, and the `hepopt` command-line entry."""
+"""hepopt core: task spec, search spaces, errors, client, and the `hepopt` command-line entry.
 
-from hepopt.errors import HepoptError, SpecError
-from hepopt.space import Dimension, SearchSpace
-from hepopt.task import Task, load_task, parse_task
+Names are loaded on first use: a payload that only imports ``hepopt.reporting`` should not pay for
+pydantic, and ``hepopt --help`` should stay instant.
+"""
 
-__all__ = ["Dimension", "HepoptError", "SearchSpace", "SpecError", "Task", "load_task", "parse_task"]
+from importlib import import_module
+from typing import Any
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "HepoptError": "hepopt.errors", "SpecError": "hepopt.errors",
+    "Dimension": "hepopt.space", "SearchSpace": "hepopt.space",
+    "Task": "hepopt.task", "load_task": "hepopt.task", "parse_task": "hepopt.task",
+    "Client": "hepopt.client",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hepopt' has no attribute {name!r}")

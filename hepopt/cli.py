@@ -49,7 +49,8 @@ def _steer(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hepopt", description="Hyperparameter optimisation for HEP deep learning.",
-        epilog="exit codes: 0 success, 1 internal error, 2 bad input. Run 'hepopt COMMAND --help' for details.")
+        epilog="exit codes: 0 success, 1 internal error, 2 bad input, 3 authentication, 4 not found. "
+               "Run 'hepopt COMMAND --help' for details.")
     parser.add_argument("--version", action="version", version=f"hepopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                            description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generate_arguments(steer)
     steer.set_defaults(func=_steer)
+
+    from orchestrator.cli import register
+
+    register(sub)
     return parser
 
 

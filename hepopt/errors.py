@@ -42,3 +42,39 @@ def join_path(outer: str, inner: str) -> str:
     if not inner:
         return outer
     return outer + inner if inner.startswith("[") else f"{outer}.{inner}"
+
+
+class ClientError(HepoptError):
+    """An orchestrator call that failed; ``status`` is the HTTP status (None when no answer came)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        self.status = status
+        super().__init__(message)
+
+
+class Unauthorized(ClientError):
+    """401: the token is missing, unknown or expired."""
+
+
+class Forbidden(ClientError):
+    """403: a worker token used outside its study, or for a call only users may make."""
+
+
+class NotFound(ClientError):
+    """404: no such study or point, or it belongs to another user."""
+
+
+class StaleLease(ClientError):
+    """409: the lease is no longer current (expired, released or finished); drop the point."""
+
+
+class PayloadTooLarge(ClientError):
+    """413: the checkpoint exceeds the server's size limit."""
+
+
+class InvalidRequest(ClientError):
+    """422: a malformed body or an invalid task; the message names the key path."""
+
+
+class ChecksumMismatch(ClientError):
+    """Downloaded bytes do not match the checksum the server announced."""

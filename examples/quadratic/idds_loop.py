@@ -53,7 +53,8 @@ def evaluate(task, point: dict, rundir: Path, source: Path) -> float | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("task", nargs="?", default=str(HERE / "task.json"), help="task JSON (default: the quadratic)")
+    parser.add_argument("task", nargs="?", default=str(HERE / "task_idds.json"),
+                        help="task JSON with a steeringExec (default: the quadratic)")
     parser.add_argument("--workdir", default="runs/idds_loop", help="where the working directories go")
     args = parser.parse_args()
     task = load_task(args.task)

@@ -1,0 +1,494 @@
+"""Ask/tell throughput of the orchestrator against Optuna's RDB storage on the same database engine.
+
+One *cycle* is what a worker does per point: ask, 10 intermediate reports, tell. C threads run cycles
+for a fixed time against
+
+* hepopt: a real ``hepopt serve`` subprocess on loopback (HTTP, JSON, bearer tokens, the background
+  scheduler steering with the ``random`` method), one ``hepopt.client.Client`` per thread;
+* Optuna: ``optuna.storages.RDBStorage`` in this process, one shared study, ``RandomSampler``,
+  ``study.ask()``, 10 × ``trial.report``, ``study.tell`` (as ``study.optimize(n_jobs=C)`` would).
+
+Each configuration runs on a fresh database, empty or already holding 10,000 finished points with 10
+intermediate values each (bulk-loaded with SQL: both public APIs need about a tenth of a second per
+point on this machine). Printed per configuration: cycles/s of both, their ratio, ask latency
+p50/p99 (asks that leased a point), waits and errors. Targets: ratio ≥ 10 at C = 32 on SQLite, p99 ask
+< 50 ms.
+
+    python benchmarks/orchestrator_throughput.py                      # SQLite, C = 1, 8, 32
+    python benchmarks/orchestrator_throughput.py --db postgres        # a private PostgreSQL cluster (initdb)
+    python benchmarks/orchestrator_throughput.py --db postgresql://me@dbhost/postgres
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import getpass
+import os
+import platform
+import pwd
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+REPORTS_PER_CYCLE = 10
+PRELOAD_POINTS = 10_000
+CONCURRENCY = (1, 8, 32)
+DEFAULT_SECONDS = 10.0
+TARGET_RATIO = 10.0
+TARGET_P99_MS = 50.0
+TARGET_CONCURRENCY = 32
+SERVER_START_TIMEOUT_S = 120.0
+SPACE_BOUNDS = (-5.0, 5.0)
+PRELOAD_CHUNK = 1_000
+#: Points kept ready by steering: workers should find one at every ask, so the queue is what is measured.
+READY_POINTS_PER_WORKER = 4
+STEERING_BATCH = 512
+#: A scratch cluster needs no durability; these settings make it several times faster (as in the tests).
+PG_OPTIONS = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
+
+
+@dataclass
+class Result:
+    """One system on one configuration."""
+
+    cycles: int = 0
+    seconds: float = 0.0
+    waits: int = 0
+    errors: list[str] = field(default_factory=list)
+    ask_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.cycles / self.seconds if self.seconds else 0.0
+
+    def ask_ms(self, quantile: float) -> float:
+        if not self.ask_seconds:
+            return float("nan")
+        ordered = sorted(self.ask_seconds)
+        return 1000 * ordered[min(len(ordered) - 1, int(quantile * len(ordered)))]
+
+
+class Tally:
+    """Per-thread counters merged into a Result under one lock."""
+
+    def __init__(self) -> None:
+        self.result = Result()
+        self.lock = threading.Lock()
+
+    def merge(self, cycles: int, waits: int, asks: list[float], errors: list[str]) -> None:
+        with self.lock:
+            self.result.cycles += cycles
+            self.result.waits += waits
+            self.result.ask_seconds.extend(asks)
+            self.result.errors.extend(errors)
+
+
+def run_threads(concurrency: int, seconds: float, cycle_loop: Callable[[int, float, Tally], None]) -> Result:
+    """Start ``concurrency`` threads together; each runs cycles until the deadline, then finishes its cycle."""
+    tally = Tally()
+    barrier = threading.Barrier(concurrency + 1)
+    starts: list[float] = []
+
+    def body(index: int) -> None:
+        barrier.wait()
+        cycle_loop(index, starts[0] + seconds, tally)
+
+    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    starts.append(time.perf_counter())
+    barrier.wait()
+    for thread in threads:
+        thread.join()
+    tally.result.seconds = time.perf_counter() - starts[0]
+    return tally.result
+
+
+# -- hepopt -------------------------------------------------------------------------------------
+def hepopt_task(concurrency: int, preload: int) -> dict[str, Any]:
+    low, high = SPACE_BOUNDS
+    return {
+        "evaluationExec": "unused",
+        "searchSpace": {n: {"method": "uniform", "dimension": {"low": low, "high": high}} for n in ("x", "y")},
+        "maxPoints": preload + 500_000,
+        "nParallelEvaluation": concurrency,
+        "minUnevaluatedPoints": READY_POINTS_PER_WORKER * concurrency,
+        "nPointsPerIteration": STEERING_BATCH,
+        "hepopt": {"method": "random", "seed": 1, "leaseSeconds": 300},
+    }
+
+
+def prepare_hepopt(url: str, concurrency: int, preload: int) -> tuple[int, str]:
+    """Create the study (and its preloaded history) directly in the database; (study id, user token)."""
+    from hepopt.task import parse_task
+    from orchestrator.storage import open_storage
+
+    storage = open_storage(url)
+    try:
+        token = storage.create_token("bench")
+        study = storage.create_study("bench", parse_task(hepopt_task(concurrency, preload)), name="bench")
+        if preload:
+            preload_hepopt(storage, study.id, preload)
+        return study.id, token
+    finally:
+        storage.close()
+
+
+def preload_hepopt(storage: Any, study_id: int, n: int) -> None:
+    from sqlalchemy import text
+
+    rng = random.Random(1)
+    for start in range(0, n, PRELOAD_CHUNK):
+        size = min(PRELOAD_CHUNK, n - start)
+        storage.add_points(study_id, [{"x": rng.uniform(*SPACE_BOUNDS), "y": rng.uniform(*SPACE_BOUNDS)}
+                                      for _ in range(size)], origin="preload")
+    now = time.time()
+    with storage.engine.begin() as conn:
+        ids = [row[0] for row in conn.execute(text("SELECT id FROM points WHERE study_id = :s"), {"s": study_id})]
+        conn.execute(text("UPDATE points SET state = 'done', loss = :loss, finished_at = :t WHERE id = :id"),
+                     [{"loss": rng.random(), "t": now, "id": i} for i in ids])
+        conn.execute(text("INSERT INTO intermediate_values (point_id, study_id, step, value, updated_at) "
+                          "VALUES (:p, :s, :step, :v, :t)"),
+                     [{"p": i, "s": study_id, "step": step, "v": rng.random(), "t": now}
+                      for i in ids for step in range(REPORTS_PER_CYCLE)])
+
+
+@contextlib.contextmanager
+def hepopt_server(url: str, data_dir: Path, log_path: Path) -> Iterator[str]:
+    """``hepopt serve`` as a subprocess on a free loopback port; yields its URL."""
+    port = free_port()
+    argv = [sys.executable, "-m", "hepopt", "serve", "--db", url, "--port", str(port), "--data-dir", str(data_dir),
+            "--log-level", "warning"]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not _healthy(base):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"hepopt serve did not start:\n{log_path.read_text()}")
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return requests.get(f"{base}/health", timeout=1).ok
+    except requests.RequestException:
+        return False
+
+
+def bench_hepopt(url: str, workdir: Path, concurrency: int, preload: int, seconds: float) -> Result:
+    from hepopt.client import Client
+
+    study_id, token = prepare_hepopt(url, concurrency, preload)
+    with hepopt_server(url, workdir / "data", workdir / "serve.log") as base, Client(base, token) as owner:
+        worker_token = owner.create_worker_token(study_id)
+        _wait_for_points(owner, study_id, preload + concurrency)
+
+        def loop(index: int, deadline: float, tally: Tally) -> None:
+            with Client(base, worker_token) as client:
+                _hepopt_cycles(client, study_id, f"bench-{index}", deadline, tally)
+
+        return run_threads(concurrency, seconds, loop)
+
+
+def _wait_for_points(client: Any, study_id: int, n: int) -> None:
+    """Let the first steering run finish so the measurement starts on a supplied queue."""
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        counts = client.get_study(study_id)["counts"]
+        if sum(counts[s] for s in ("new", "running", "done", "pruned", "failed")) >= n:
+            return
+        time.sleep(0.1)
+    raise RuntimeError("steering never supplied points")
+
+
+def _hepopt_cycles(client: Any, study_id: int, worker_id: str, deadline: float, tally: Tally) -> None:
+    cycles = waits = 0
+    asks: list[float] = []
+    errors: list[str] = []
+    while time.perf_counter() < deadline:
+        try:
+            began = time.perf_counter()
+            answer = client.ask(study_id, worker_id)
+            if answer.status != "leased":
+                waits += 1
+                time.sleep(answer.retry_after or 0.1)
+                continue
+            asks.append(time.perf_counter() - began)
+            lease = answer.lease
+            for step in range(REPORTS_PER_CYCLE):
+                client.report(study_id, lease.point_id, lease.lease_token, step, 1.0 / (step + 1))
+            client.tell(study_id, lease.point_id, lease.lease_token, "done", loss=lease.params["x"] ** 2)
+            cycles += 1
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}"[:300])
+    tally.merge(cycles, waits, asks, errors)
+
+
+# -- Optuna -------------------------------------------------------------------------------------
+def optuna_storage(url: str) -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna's default 5 s SQLite busy wait turns into "database is locked" under load: give it hepopt's 60 s.
+    kwargs: dict[str, Any] = ({"connect_args": {"timeout": 60}} if url.startswith("sqlite")
+                              else {"pool_size": 10, "max_overflow": 54})
+    return optuna.storages.RDBStorage(_optuna_url(url), engine_kwargs=kwargs)
+
+
+def _optuna_url(url: str) -> str:
+    return url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url
+
+
+def preload_optuna(storage: Any, study_id: int, n: int) -> None:
+    """n COMPLETE trials with params, a value and 10 intermediate values each, in Optuna's own schema."""
+    from optuna.distributions import FloatDistribution, distribution_to_json
+    from sqlalchemy import text
+
+    rng = random.Random(1)
+    dist = distribution_to_json(FloatDistribution(*SPACE_BOUNDS))
+    now = datetime.datetime.now()
+    with storage.engine.begin() as conn:
+        conn.execute(text("INSERT INTO trials (number, study_id, state, datetime_start, datetime_complete) "
+                          "VALUES (:n, :s, 'COMPLETE', :t, :t)"),
+                     [{"n": i, "s": study_id, "t": now} for i in range(n)])
+        ids = [row[0] for row in conn.execute(text("SELECT trial_id FROM trials WHERE study_id = :s "
+                                                   "ORDER BY number"), {"s": study_id})]
+        conn.execute(text("INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json) "
+                          "VALUES (:t, :name, :v, :d)"),
+                     [{"t": i, "name": name, "v": rng.uniform(*SPACE_BOUNDS), "d": dist}
+                      for i in ids for name in ("x", "y")])
+        conn.execute(text("INSERT INTO trial_values (trial_id, objective, value, value_type) "
+                          "VALUES (:t, 0, :v, 'FINITE')"), [{"t": i, "v": rng.random()} for i in ids])
+        conn.execute(text("INSERT INTO trial_intermediate_values (trial_id, step, intermediate_value, "
+                          "intermediate_value_type) VALUES (:t, :step, :v, 'FINITE')"),
+                     [{"t": i, "step": step, "v": rng.random()} for i in ids for step in range(REPORTS_PER_CYCLE)])
+
+
+def bench_optuna(url: str, concurrency: int, preload: int, seconds: float) -> Result:
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    storage = optuna_storage(url)
+    study = optuna.create_study(storage=storage, study_name="bench", sampler=optuna.samplers.RandomSampler(seed=1))
+    if preload:
+        preload_optuna(storage, study._study_id, preload)
+    space = {name: FloatDistribution(*SPACE_BOUNDS) for name in ("x", "y")}
+
+    def loop(_index: int, deadline: float, tally: Tally) -> None:
+        cycles = 0
+        asks: list[float] = []
+        errors: list[str] = []
+        while time.perf_counter() < deadline:
+            try:
+                began = time.perf_counter()
+                trial = study.ask(space)
+                asks.append(time.perf_counter() - began)
+                for step in range(REPORTS_PER_CYCLE):
+                    trial.report(1.0 / (step + 1), step)
+                study.tell(trial, trial.params["x"] ** 2)
+                cycles += 1
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}"[:300])
+        tally.merge(cycles, 0, asks, errors)
+
+    try:
+        return run_threads(concurrency, seconds, loop)
+    finally:
+        storage.engine.dispose()
+
+
+# -- databases ----------------------------------------------------------------------------------
+class Databases:
+    """Fresh, empty databases on demand: SQLite files in a temporary folder, or scratch PostgreSQL databases."""
+
+    def __init__(self, spec: str, workdir: Path) -> None:
+        self.spec = spec
+        self.workdir = workdir
+        self.counter = 0
+        self.created: list[str] = []
+        self.cluster: Any = None
+        self.admin_url = spec
+        self.kind = "sqlite" if spec == "sqlite" else "postgresql"
+
+    def __enter__(self) -> Databases:
+        if self.spec == "postgres":
+            self.cluster = PrivatePostgres()
+            self.admin_url = self.cluster.start()
+        return self
+
+    def fresh(self, label: str) -> str:
+        self.counter += 1
+        name = f"bench_{os.getpid()}_{self.counter}_{label}"
+        if self.kind == "sqlite":
+            return f"sqlite:///{self.workdir / name}.db"
+        self._admin(f'CREATE DATABASE "{name}"')
+        self.created.append(name)
+        return self.admin_url.rsplit("/", 1)[0] + "/" + name
+
+    def _admin(self, sql: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(sql)
+
+    def __exit__(self, *exc: object) -> None:
+        for name in self.created:
+            with contextlib.suppress(Exception):
+                self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if self.cluster is not None:
+            self.cluster.stop()
+
+
+class PrivatePostgres:
+    """A throw-away cluster (initdb + pg_ctl on a loopback port, no durability), as the storage tests start one.
+
+    PostgreSQL refuses to run as root, so as root it runs as ``postgres`` (or ``nobody``) through runuser.
+    """
+
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="hepopt-bench-pg-"))  # its own: the server user must enter it
+        self.data = self.base / "data"
+        self.prefix: list[str] = []
+        self.bindir: Path | None = None
+
+    def start(self) -> str:
+        self.bindir = find_pg_bindir()
+        if self.bindir is None:
+            raise SystemExit("initdb/pg_ctl not found: apt-get install postgresql, or give --db postgresql://...")
+        user = self._drop_root()
+        if user is not None:
+            shutil.chown(self.base, user=user)
+        superuser = user or getpass.getuser()
+        self._run(["initdb", "-D", str(self.data), "-U", superuser, "--auth=trust", "-E", "UTF8", "--no-sync"])
+        port = free_port()
+        options = f"-h 127.0.0.1 -p {port} -k {self.base} {PG_OPTIONS}"
+        self._run(["pg_ctl", "-D", str(self.data), "-l", str(self.base / "server.log"), "-o", options, "-w", "start"])
+        return f"postgresql://{superuser}@127.0.0.1:{port}/postgres"
+
+    def _drop_root(self) -> str | None:
+        if os.geteuid() != 0:
+            return None
+        for user in ("postgres", "nobody"):
+            with contextlib.suppress(KeyError):
+                pwd.getpwnam(user)
+                self.prefix = ["runuser", "-u", user, "--"]
+                return "postgres" if user == "postgres" else user
+        raise SystemExit("running as root without a postgres/nobody user to run PostgreSQL")
+
+    def _run(self, argv: list[str]) -> None:
+        assert self.bindir is not None
+        result = subprocess.run([*self.prefix, str(self.bindir / argv[0]), *argv[1:]], capture_output=True,
+                                text=True, check=False)
+        if result.returncode != 0:
+            raise SystemExit(f"{argv[0]} failed: {result.stdout}{result.stderr}")
+
+    def stop(self) -> None:
+        if self.bindir is not None and (self.data / "postmaster.pid").exists():
+            self._run(["pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop"])
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def find_pg_bindir() -> Path | None:
+    """initdb/pg_ctl on PATH, or Debian's versioned directory."""
+    on_path = shutil.which("initdb")
+    if on_path and shutil.which("pg_ctl"):
+        return Path(on_path).parent
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
+    return candidates[0].parent if candidates else None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- report -------------------------------------------------------------------------------------
+HEADER = (f"{'backend':<10} {'points':>7} {'C':>3} | {'hepopt/s':>9} {'optuna/s':>9} {'ratio':>6} | "
+          f"{'hepopt ask p50/p99 ms':>22} {'optuna ask p50/p99 ms':>22} | {'waits':>5} {'errors h/o':>10}")
+
+
+def row(backend: str, preload: int, concurrency: int, hep: Result, opt: Result) -> str:
+    ratio = hep.rate / opt.rate if opt.rate else float("inf")
+    return (f"{backend:<10} {preload:>7} {concurrency:>3} | {hep.rate:>9.1f} {opt.rate:>9.1f} {ratio:>6.1f} | "
+            f"{hep.ask_ms(0.5):>10.1f} /{hep.ask_ms(0.99):>9.1f} {opt.ask_ms(0.5):>10.1f} /{opt.ask_ms(0.99):>9.1f} | "
+            f"{hep.waits:>5} {len(hep.errors):>4}/{len(opt.errors):<5}")
+
+
+def verdict(backend: str, concurrency: int, hep: Result, opt: Result) -> str | None:
+    if backend != "sqlite" or concurrency != TARGET_CONCURRENCY:
+        return None
+    ratio = hep.rate / opt.rate if opt.rate else float("inf")
+    ok = ratio >= TARGET_RATIO and hep.ask_ms(0.99) < TARGET_P99_MS
+    return (f"  target (ratio >= {TARGET_RATIO:g}, p99 ask < {TARGET_P99_MS:g} ms): "
+            f"{'met' if ok else 'MISSED'} (ratio {ratio:.1f}, p99 {hep.ask_ms(0.99):.1f} ms)")
+
+
+def describe_machine() -> str:
+    import optuna
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{platform.node()}: {os.cpu_count()} CPUs, load {load:.1f}, Python {platform.python_version()}, "
+            f"optuna {optuna.__version__}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", default="sqlite", help="sqlite (default), postgres (a private cluster), or a "
+                        "postgresql:// URL of a server on which scratch databases may be created")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY), help="thread counts C")
+    parser.add_argument("--seconds", type=float, default=DEFAULT_SECONDS, help="measurement time per run")
+    parser.add_argument("--preload", type=int, nargs="+", default=[0, PRELOAD_POINTS],
+                        help="finished points already in the study (default: 0 and 10000)")
+    args = parser.parse_args()
+    print(describe_machine())
+    print(f"cycle = ask + {REPORTS_PER_CYCLE} reports + tell; {args.seconds:g} s per run\n")
+    print(HEADER)
+    print("-" * len(HEADER))
+    workdir = Path(tempfile.mkdtemp(prefix="hepopt-bench-"))
+    verdicts = []
+    try:
+        with Databases(args.db, workdir) as dbs:
+            for preload in args.preload:
+                for concurrency in args.concurrency:
+                    run_dir = workdir / f"hepopt-{preload}-{concurrency}"
+                    run_dir.mkdir()
+                    hep = bench_hepopt(dbs.fresh("hepopt"), run_dir, concurrency, preload, args.seconds)
+                    opt = bench_optuna(dbs.fresh("optuna"), concurrency, preload, args.seconds)
+                    print(row(dbs.kind, preload, concurrency, hep, opt), flush=True)
+                    for name, result in (("hepopt", hep), ("optuna", opt)):
+                        for error in sorted(set(result.errors))[:3]:
+                            print(f"  {name} error: {error}")
+                    verdicts.append(verdict(dbs.kind, concurrency, hep, opt))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    for line in filter(None, verdicts):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,737 @@
+"""SQL backend of :class:`~orchestrator.storage.base.Storage` for SQLite and PostgreSQL.
+
+Concurrency rules, the reason this module exists:
+
+* SQLite runs in WAL mode (readers never block the writer) and every write transaction starts with
+  ``BEGIN IMMEDIATE``, so a transaction never has to upgrade a read lock to a write lock — the case in
+  which SQLite answers "database is locked" at once instead of waiting. Threads of one process
+  additionally queue on one lock per database file, and other processes wait on ``busy_timeout``; a
+  busy error that still escapes is retried with the whole transaction.
+* PostgreSQL locks rows: every write locks the study row first, then point rows, always in that order
+  (no deadlocks); ``lease`` picks its point with ``FOR UPDATE SKIP LOCKED``.
+* A partial unique index allows one open lease per point, so the database itself refuses a double lease.
+* With ``now=None`` the clock is read inside the transaction, after its locks, so stored times follow
+  commit order (a lease never starts before the release that freed its point).
+
+Opening a storage runs the Alembic migrations up to head under a lock, so several processes may open
+the same database at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import json
+import math
+import random
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, func, select, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import StaticPool
+
+from hepopt.errors import SpecError
+from hepopt.task import Task
+from orchestrator.storage.base import (
+    FINAL_STATES,
+    CheckpointMeta,
+    ConflictError,
+    FinishResult,
+    InvalidValueError,
+    Lease,
+    NotFoundError,
+    PointCounts,
+    PointRecord,
+    PointState,
+    StaleLeaseError,
+    Storage,
+    StudyRecord,
+    StudyState,
+    TokenInfo,
+    clock,
+)
+from orchestrator.storage.models import (
+    NAME_LENGTH,
+    REQUEST_ID_LENGTH,
+    CheckpointRow,
+    IntermediateRow,
+    LeaseRow,
+    PointRow,
+    StudyRow,
+    TokenRow,
+)
+from steering_container.api import Observation
+
+T = TypeVar("T")
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+#: How long a SQLite writer waits for another process's write transaction before giving up.
+SQLITE_BUSY_TIMEOUT_S = 60.0
+#: Whole-transaction retries for busy (SQLite) or deadlock/serialization (PostgreSQL) errors.
+MAX_TRANSACTION_ATTEMPTS = 8
+RETRY_BASE_DELAY_S = 0.02
+#: Connections per engine: many worker threads read while one writes.
+POOL_SIZE = 10
+POOL_MAX_OVERFLOW = 54
+#: Parsed tasks kept in memory (by their stored JSON text).
+TASK_CACHE_SIZE = 1024
+#: Key of the PostgreSQL advisory lock that serialises migrations ("hepo" in ASCII).
+MIGRATION_LOCK_KEY = 0x6865706F
+#: Secret lengths in random bytes; bearer tokens carry a prefix so secret scanners can spot them.
+TOKEN_BYTES = 32
+LEASE_TOKEN_BYTES = 24
+TOKEN_PREFIX = "hpo_"
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+#: Execution option that makes the SQLite ``begin`` hook emit BEGIN IMMEDIATE.
+WRITE_OPTION = "hepopt_write"
+#: SQLSTATEs worth retrying the whole transaction for: deadlock detected, serialization failure.
+RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+
+_SQLITE_WRITE_LOCKS: dict[str, threading.RLock] = {}
+_SQLITE_WRITE_LOCKS_GUARD = threading.Lock()
+
+
+@functools.cache
+def head_revision() -> str:
+    """The newest migration shipped with this code (read once per process)."""
+    head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+    if head is None:
+        raise RuntimeError(f"no migrations found under {MIGRATIONS_DIR}")
+    return head
+
+
+def hash_secret(secret: str) -> str:
+    """The stored form of a bearer token."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def normalize_url(url: str | URL) -> URL:
+    """A SQLAlchemy URL; bare ``postgresql://`` means psycopg 3, the driver hepopt installs."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+class SQLStorage(Storage):
+    """Storage on a SQLAlchemy URL: ``sqlite:///path/to/hepopt.db`` or ``postgresql://user@host/db``."""
+
+    def __init__(self, url: str | URL, *, migrate: bool = True) -> None:
+        self.url = normalize_url(url)
+        self.dialect = self.url.get_backend_name()
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database {self.dialect!r}: use sqlite or postgresql")
+        self.engine = _make_engine(self.url) if self.dialect == "sqlite" else _make_pg_engine(self.url)
+        self._write_lock = _sqlite_write_lock(self.url, self.engine) if self.dialect == "sqlite" else None
+        if migrate:
+            self.upgrade()
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def upgrade(self) -> None:
+        """Bring the schema to the newest migration; concurrent callers wait for each other."""
+        if self.schema_revision() == head_revision():
+            return
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with self._writer(True), self.engine.connect() as conn:
+            conn.execution_options(**{WRITE_OPTION: True})
+            with conn.begin():
+                if self.dialect == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+                config.attributes["connection"] = conn
+                command.upgrade(config, "head")
+
+    def schema_revision(self) -> str | None:
+        """The migration the database is at; None for an empty database."""
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _writer(self, write: bool) -> threading.RLock | nullcontext[None]:
+        return self._write_lock if write and self._write_lock is not None else nullcontext()
+
+    def _run(self, work: Callable[[Session], T], write: bool = True) -> T:
+        """Run ``work`` in one transaction, retrying it whole on transient lock errors."""
+        for attempt in range(MAX_TRANSACTION_ATTEMPTS):
+            try:
+                with self._writer(write), self._session(write) as session:
+                    return work(session)
+            except OperationalError as exc:
+                if attempt + 1 == MAX_TRANSACTION_ATTEMPTS or not _retryable(exc):
+                    raise
+            time.sleep(RETRY_BASE_DELAY_S * (2 ** attempt) * (1 + random.random()))
+        raise AssertionError("unreachable")
+
+    @contextmanager
+    def _session(self, write: bool) -> Iterator[Session]:
+        with self.engine.connect() as conn:
+            conn.execution_options(**{WRITE_OPTION: write})
+            with Session(bind=conn, expire_on_commit=False, autoflush=True) as session, session.begin():
+                session.connection()  # BEGIN now: SQLite takes its write lock before work reads the clock
+                yield session
+
+    # -- tokens --------------------------------------------------------------------------------
+    def create_token(self, user: str, study_id: int | None = None, expires_at: float | None = None,
+                     now: float | None = None) -> str:
+        _bounded(user, NAME_LENGTH, "user")
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
+        created = clock(now)
+
+        def work(s: Session) -> None:
+            if study_id is not None:
+                _study(s, study_id, owner=user)
+            s.add(TokenRow(token_hash=hash_secret(secret), user=user, study_id=study_id,
+                           created_at=created, expires_at=expires_at))
+
+        self._run(work)
+        return secret
+
+    def verify_token(self, secret: str, now: float | None = None) -> TokenInfo | None:
+        def work(s: Session) -> TokenInfo | None:
+            at = clock(now)
+            row = s.scalars(select(TokenRow).where(TokenRow.token_hash == hash_secret(secret))).first()
+            if row is None or (row.expires_at is not None and row.expires_at <= at):
+                return None
+            return TokenInfo(row.id, row.user, row.study_id, row.created_at, row.expires_at)
+
+        return self._run(work, write=False)
+
+    def revoke_token(self, secret: str) -> bool:
+        def work(s: Session) -> bool:
+            row = s.scalars(select(TokenRow).where(TokenRow.token_hash == hash_secret(secret))).first()
+            if row is None:
+                return False
+            s.delete(row)
+            return True
+
+        return self._run(work)
+
+    # -- studies -------------------------------------------------------------------------------
+    def create_study(self, owner: str, task: Task, name: str | None = None,
+                     now: float | None = None) -> StudyRecord:
+        if task.searchSpace is None:
+            raise SpecError([("searchSpaceFile", "inline the search space (parse_task does) before storing")])
+        _bounded(owner, NAME_LENGTH, "owner")
+        _bounded(name, NAME_LENGTH, "study name")
+        options = task.hepopt
+
+        def work(s: Session) -> StudyRecord:
+            at = clock(now)
+            row = StudyRow(owner=owner, name=name, task_json=json.dumps(task.to_json()), state=StudyState.RUNNING,
+                           message=None, max_points=task.maxPoints, max_evaluation_jobs=task.evaluation_jobs_limit,
+                           max_attempts=options.maxAttempts, lease_seconds=options.leaseSeconds,
+                           direction=options.direction, failed_loss=options.failedLoss, n_points=0,
+                           evaluation_jobs=0, created_at=at, updated_at=at)
+            s.add(row)
+            s.flush()
+            return _study_record(row)
+
+        return self._run(work)
+
+    def get_study(self, study_id: int, owner: str | None = None) -> StudyRecord:
+        return self._run(lambda s: _study_record(_study(s, study_id, owner, lock=False)), write=False)
+
+    def list_studies(self, owner: str | None = None, state: StudyState | None = None) -> list[StudyRecord]:
+        query = select(StudyRow).order_by(StudyRow.id)
+        if owner is not None:
+            query = query.where(StudyRow.owner == owner)
+        if state is not None:
+            query = query.where(StudyRow.state == StudyState(state))
+        return self._run(lambda s: [_study_record(row) for row in s.scalars(query)], write=False)
+
+    def cancel_study(self, study_id: int, owner: str | None = None, now: float | None = None) -> StudyRecord:
+        def work(s: Session) -> StudyRecord:
+            study = _study(s, study_id, owner)
+            at = clock(now)
+            if study.state == StudyState.RUNNING:
+                _set_state(study, StudyState.CANCELLED, "cancelled by the owner", at)
+            return _study_record(study)
+
+        return self._run(work)
+
+    def set_study_state(self, study_id: int, state: StudyState, message: str | None = None,
+                        now: float | None = None) -> StudyRecord:
+        def work(s: Session) -> StudyRecord:
+            study = _study(s, study_id)
+            at = clock(now)
+            _set_state(study, StudyState(state), message, at)
+            return _study_record(study)
+
+        return self._run(work)
+
+    def begin_steering(self, study_id: int, stale_after: float, now: float | None = None) -> bool:
+        def work(s: Session) -> bool:
+            study = _study(s, study_id)
+            at = clock(now)
+            started = study.steering_started_at
+            if study.state != StudyState.RUNNING or (started is not None and at - started < stale_after):
+                return False
+            study.steering_started_at = at
+            study.updated_at = at
+            return True
+
+        return self._run(work)
+
+    def renew_steering(self, study_id: int, now: float | None = None) -> None:
+        def work(s: Session) -> None:
+            study = _study(s, study_id)
+            if study.steering_started_at is not None:
+                study.steering_started_at = clock(now)
+
+        self._run(work)
+
+    def end_steering(self, study_id: int, error: str | None = None, now: float | None = None) -> StudyRecord:
+        def work(s: Session) -> StudyRecord:
+            study = _study(s, study_id)
+            at = clock(now)
+            study.steering_started_at = None
+            study.steering_error = error
+            study.updated_at = at
+            return _study_record(study)
+
+        return self._run(work)
+
+    # -- points --------------------------------------------------------------------------------
+    def add_points(self, study_id: int, params_list: Sequence[dict[str, Any]], origin: str = "steering",
+                   now: float | None = None) -> list[PointRecord]:
+        _bounded(origin, NAME_LENGTH, "origin")
+        encoded = [_encode_params(params, i) for i, params in enumerate(params_list)]
+
+        def work(s: Session) -> list[PointRecord]:
+            study = _study(s, study_id)
+            at = clock(now)
+            if study.state != StudyState.RUNNING:
+                return []
+            room = max(0, study.max_points - study.n_points)
+            rows = [PointRow(study_id=study_id, number=study.n_points + i, params_json=params, origin=origin,
+                             state=PointState.NEW, attempt=0, created_at=at, updated_at=at)
+                    for i, params in enumerate(encoded[:room])]
+            s.add_all(rows)
+            study.n_points += len(rows)
+            study.updated_at = at
+            s.flush()
+            return [_point_record(row) for row in rows]
+
+        return self._run(work)
+
+    def get_point(self, point_id: int, study_id: int | None = None) -> PointRecord:
+        def work(s: Session) -> PointRecord:
+            row = s.get(PointRow, point_id)
+            if row is None or (study_id is not None and row.study_id != study_id):
+                raise NotFoundError(f"point {point_id} not found")
+            return _point_record(row)
+
+        return self._run(work, write=False)
+
+    def list_points(self, study_id: int, state: PointState | None = None) -> list[PointRecord]:
+        def work(s: Session) -> list[PointRecord]:
+            _study(s, study_id, lock=False)
+            query = select(PointRow).where(PointRow.study_id == study_id).order_by(PointRow.number)
+            if state is not None:
+                query = query.where(PointRow.state == PointState(state))
+            return [_point_record(row) for row in s.scalars(query)]
+
+        return self._run(work, write=False)
+
+    def lease(self, study_id: int, worker_id: str, now: float | None = None) -> Lease | None:
+        _bounded(worker_id, NAME_LENGTH, "worker id")
+
+        def work(s: Session) -> Lease | None:
+            study = _study(s, study_id)
+            at = clock(now)
+            if study.state != StudyState.RUNNING or study.evaluation_jobs >= study.max_evaluation_jobs:
+                return None
+            point = s.scalars(
+                select(PointRow)
+                .where(PointRow.study_id == study_id, PointRow.state == PointState.NEW)
+                .order_by(PointRow.number).limit(1).with_for_update(skip_locked=True)).first()
+            if point is None:
+                return None
+            token = secrets.token_hex(LEASE_TOKEN_BYTES)
+            expires = at + study.lease_seconds
+            point.state, point.worker_id, point.lease_token = PointState.RUNNING, worker_id, token
+            point.lease_expires_at, point.updated_at = expires, at
+            study.evaluation_jobs += 1
+            study.updated_at = at
+            s.add(LeaseRow(point_id=point.id, study_id=study_id, worker_id=worker_id, lease_token=token,
+                           attempt=point.attempt, started_at=at, expires_at=expires))
+            return _lease(point, study)
+
+        return self._run(work)
+
+    def heartbeat(self, point_id: int, lease_token: str, now: float | None = None) -> Lease:
+        def work(s: Session) -> Lease:
+            study, point = _leased_point(s, point_id, lease_token)
+            at = clock(now)
+            point.lease_expires_at = at + study.lease_seconds
+            point.updated_at = at
+            _lease_row(s, lease_token).expires_at = point.lease_expires_at
+            return _lease(point, study)
+
+        return self._run(work)
+
+    def report(self, point_id: int, lease_token: str, step: int, value: float, now: float | None = None) -> None:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise InvalidValueError(f"step must be an integer >= 0, got {step!r}")
+        value = _finite(value, "intermediate value")
+
+        def work(s: Session) -> None:
+            _, point = _leased_point(s, point_id, lease_token)
+            at = clock(now)
+            row = s.scalars(select(IntermediateRow)
+                            .where(IntermediateRow.point_id == point_id, IntermediateRow.step == step)).first()
+            if row is None:
+                s.add(IntermediateRow(point_id=point_id, study_id=point.study_id, step=step, value=value,
+                                      updated_at=at))
+            else:
+                row.value, row.updated_at = value, at
+
+        self._run(work)
+
+    def finish(self, point_id: int, lease_token: str, status: PointState, loss: float | None = None, *,
+               request_id: str | None = None, message: str | None = None,
+               now: float | None = None) -> FinishResult:
+        status = _final_status(status)
+        _bounded(request_id, REQUEST_ID_LENGTH, "request id")
+        if status == PointState.DONE:
+            loss = _finite(loss, "loss of a done point")
+        elif loss is not None and status == PointState.PRUNED:
+            loss = _finite(loss, "loss of a pruned point")
+
+        def work(s: Session) -> FinishResult:
+            study = _study(s, _study_id_of(s, point_id))
+            point = _locked_point(s, point_id)
+            at = clock(now)
+            if request_id is not None:
+                seen = s.scalars(select(PointRow).where(PointRow.finish_request_id == request_id)).first()
+                if seen is not None:
+                    if seen.id != point_id:
+                        raise ConflictError(f"request id {request_id!r} already finished point {seen.id}")
+                    return FinishResult(_point_record(seen), replayed=True)
+            _check_lease(point, lease_token)
+            final_loss = study.failed_loss if status == PointState.FAILED else loss
+            _end_lease(s, point, status, at)
+            point.state, point.loss, point.message = status, final_loss, message
+            point.finish_request_id, point.finished_at = request_id, at
+            _settle(s, study, at)
+            return FinishResult(_point_record(point), replayed=False)
+
+        return self._run(work)
+
+    def release(self, point_id: int, lease_token: str, now: float | None = None) -> PointRecord:
+        def work(s: Session) -> PointRecord:
+            study, point = _leased_point(s, point_id, lease_token)
+            at = clock(now)
+            _end_lease(s, point, "released", at)
+            point.state = PointState.NEW
+            _settle(s, study, at)
+            return _point_record(point)
+
+        return self._run(work)
+
+    def reap_expired(self, now: float | None = None) -> int:
+        def work(s: Session) -> int:
+            at = clock(now)
+            expired = (PointRow.state == PointState.RUNNING, PointRow.lease_expires_at < at)
+            study_ids = sorted(s.scalars(select(PointRow.study_id).where(*expired).distinct()))
+            reaped = 0
+            for study_id in study_ids:
+                study = _study(s, study_id)
+                query = select(PointRow).where(PointRow.study_id == study_id, *expired).order_by(PointRow.id)
+                for point in s.scalars(query.with_for_update()).all():
+                    _expire(s, study, point, at)
+                    reaped += 1
+                _settle(s, study, at)
+            return reaped
+
+        return self._run(work)
+
+    # -- reading -------------------------------------------------------------------------------
+    def history(self, study_id: int) -> list[Observation]:
+        def work(s: Session) -> list[Observation]:
+            _study(s, study_id, lock=False)
+            rows = s.execute(select(PointRow.params_json, PointRow.loss, PointRow.state)
+                             .where(PointRow.study_id == study_id).order_by(PointRow.number))
+            return [_observation(params, loss, state) for params, loss, state in rows]
+
+        return self._run(work, write=False)
+
+    def intermediate_values(self, study_id: int) -> dict[int, dict[int, float]]:
+        def work(s: Session) -> dict[int, dict[int, float]]:
+            _study(s, study_id, lock=False)
+            rows = s.execute(select(IntermediateRow.point_id, IntermediateRow.step, IntermediateRow.value)
+                             .where(IntermediateRow.study_id == study_id)
+                             .order_by(IntermediateRow.point_id, IntermediateRow.step))
+            curves: dict[int, dict[int, float]] = {}
+            for point_id, step, value in rows:
+                curves.setdefault(point_id, {})[step] = value
+            return curves
+
+        return self._run(work, write=False)
+
+    def counts(self, study_id: int) -> PointCounts:
+        def work(s: Session) -> PointCounts:
+            study = _study(s, study_id, lock=False)
+            return PointCounts(**_state_counts(s, study_id), evaluation_jobs=study.evaluation_jobs)
+
+        return self._run(work, write=False)
+
+    def best_point(self, study_id: int) -> PointRecord | None:
+        def work(s: Session) -> PointRecord | None:
+            study = _study(s, study_id, lock=False)
+            order = PointRow.loss.desc() if study.direction == "maximize" else PointRow.loss.asc()
+            row = s.scalars(select(PointRow)
+                            .where(PointRow.study_id == study_id, PointRow.state == PointState.DONE)
+                            .order_by(order, PointRow.number).limit(1)).first()
+            return None if row is None else _point_record(row)
+
+        return self._run(work, write=False)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def put_checkpoint_meta(self, point_id: int, path: str, sha256: str, size: int,
+                            now: float | None = None) -> CheckpointMeta:
+        if not SHA256_HEX.match(sha256):
+            raise InvalidValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise InvalidValueError(f"size must be an integer >= 0, got {size!r}")
+
+        def work(s: Session) -> CheckpointMeta:
+            _locked_point(s, point_id)
+            at = clock(now)
+            row = s.get(CheckpointRow, point_id)
+            if row is None:
+                row = CheckpointRow(point_id=point_id)
+                s.add(row)
+            row.path, row.sha256, row.size, row.updated_at = path, sha256, size, at
+            return _checkpoint(row)
+
+        return self._run(work)
+
+    def get_checkpoint_meta(self, point_id: int) -> CheckpointMeta | None:
+        def work(s: Session) -> CheckpointMeta | None:
+            row = s.get(CheckpointRow, point_id)
+            return None if row is None else _checkpoint(row)
+
+        return self._run(work, write=False)
+
+
+# -- engines ----------------------------------------------------------------------------------
+def _make_engine(url: URL) -> Engine:
+    """A SQLite engine whose transactions we begin ourselves (see the module docstring)."""
+    memory = url.database in (None, "", ":memory:")
+    if memory:
+        engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+    else:
+        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_MAX_OVERFLOW,
+                               connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # no implicit BEGIN from the driver
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        if not memory:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE_OPTION) else "BEGIN")
+
+    return engine
+
+
+def _make_pg_engine(url: URL) -> Engine:
+    return create_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_MAX_OVERFLOW, pool_pre_ping=True)
+
+
+def _sqlite_write_lock(url: URL, engine: Engine) -> threading.RLock:
+    """One lock per database file for the whole process, shared by every storage opened on it."""
+    database = url.database
+    key = f"memory:{id(engine)}" if database in (None, "", ":memory:") else str(Path(database).resolve())
+    with _SQLITE_WRITE_LOCKS_GUARD:
+        return _SQLITE_WRITE_LOCKS.setdefault(key, threading.RLock())
+
+
+def _retryable(exc: OperationalError) -> bool:
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate is not None:
+        return sqlstate in RETRYABLE_SQLSTATES
+    message = str(exc.orig).lower()
+    return "database is locked" in message or "database is busy" in message
+
+
+# -- row helpers (inside a transaction) --------------------------------------------------------
+def _study(s: Session, study_id: int, owner: str | None = None, lock: bool = True) -> StudyRow:
+    """The study row, locked for update unless ``lock`` is False; a foreign owner looks like no study."""
+    row = s.get(StudyRow, study_id, with_for_update=lock or None)
+    if row is None or (owner is not None and row.owner != owner):
+        raise NotFoundError(f"study {study_id} not found")
+    return row
+
+
+def _study_id_of(s: Session, point_id: int) -> int:
+    study_id = s.scalar(select(PointRow.study_id).where(PointRow.id == point_id))
+    if study_id is None:
+        raise NotFoundError(f"point {point_id} not found")
+    return study_id
+
+
+def _locked_point(s: Session, point_id: int) -> PointRow:
+    row = s.get(PointRow, point_id, with_for_update=True, populate_existing=True)
+    if row is None:
+        raise NotFoundError(f"point {point_id} not found")
+    return row
+
+
+def _leased_point(s: Session, point_id: int, lease_token: str) -> tuple[StudyRow, PointRow]:
+    """Study and point, locked in that order, after checking the lease token is current."""
+    study = _study(s, _study_id_of(s, point_id))
+    point = _locked_point(s, point_id)
+    _check_lease(point, lease_token)
+    return study, point
+
+
+def _check_lease(point: PointRow, lease_token: str) -> None:
+    current = point.lease_token
+    if point.state != PointState.RUNNING or current is None or not hmac.compare_digest(current, lease_token):
+        raise StaleLeaseError(f"lease of point {point.id} is no longer valid (the point is {point.state}); "
+                              "drop the point")
+
+
+def _lease_row(s: Session, lease_token: str) -> LeaseRow:
+    return s.scalars(select(LeaseRow).where(LeaseRow.lease_token == lease_token)).one()
+
+
+def _end_lease(s: Session, point: PointRow, outcome: PointState | str, at: float) -> None:
+    """Close the point's open lease (audit row) and clear the lease from the point."""
+    row = _lease_row(s, point.lease_token or "")
+    row.ended_at, row.outcome = at, outcome
+    point.lease_token = point.worker_id = point.lease_expires_at = None
+    point.updated_at = at
+
+
+def _expire(s: Session, study: StudyRow, point: PointRow, at: float) -> None:
+    """An expired lease costs one attempt; the last allowed attempt makes the point FAILED."""
+    _end_lease(s, point, "expired", at)
+    point.attempt += 1
+    if point.attempt >= study.max_attempts:
+        point.state, point.loss, point.finished_at = PointState.FAILED, study.failed_loss, at
+        point.message = f"lease expired {point.attempt} times (maxAttempts={study.max_attempts})"
+    else:
+        point.state = PointState.NEW
+
+
+def _settle(s: Session, study: StudyRow, at: float) -> None:
+    """Mark a running study COMPLETED once nothing can change any more."""
+    if study.state != StudyState.RUNNING:
+        return
+    s.flush()
+    counts = _state_counts(s, study.id)
+    open_points = counts["new"] + counts["running"]
+    if study.n_points >= study.max_points and open_points == 0:
+        _set_state(study, StudyState.COMPLETED, f"all {study.max_points} points evaluated", at)
+    elif study.evaluation_jobs >= study.max_evaluation_jobs and counts["running"] == 0:
+        _set_state(study, StudyState.COMPLETED, f"maxEvaluationJobs ({study.max_evaluation_jobs}) used up; "
+                   f"{counts['new']} points left unevaluated", at)
+
+
+def _set_state(study: StudyRow, state: StudyState, message: str | None, at: float) -> None:
+    study.state, study.message, study.updated_at = state, message, at
+
+
+def _state_counts(s: Session, study_id: int) -> dict[str, int]:
+    counts = {state.value: 0 for state in PointState}
+    rows = s.execute(select(PointRow.state, func.count()).where(PointRow.study_id == study_id)
+                     .group_by(PointRow.state))
+    for state, n in rows:
+        counts[state] = n
+    return counts
+
+
+# -- conversions ------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=TASK_CACHE_SIZE)
+def _task(task_json: str) -> Task:
+    """Tasks are immutable and read on every request, so each stored text is validated once."""
+    return Task.model_validate(json.loads(task_json))
+
+
+def _study_record(row: StudyRow) -> StudyRecord:
+    return StudyRecord(id=row.id, owner=row.owner, name=row.name, task=_task(row.task_json),
+                       state=StudyState(row.state), message=row.message, n_points=row.n_points,
+                       evaluation_jobs=row.evaluation_jobs, created_at=row.created_at, updated_at=row.updated_at,
+                       steering_started_at=row.steering_started_at, steering_error=row.steering_error)
+
+
+def _point_record(row: PointRow) -> PointRecord:
+    return PointRecord(id=row.id, study_id=row.study_id, number=row.number, params=json.loads(row.params_json),
+                       state=PointState(row.state), origin=row.origin, attempt=row.attempt, loss=row.loss,
+                       message=row.message, worker_id=row.worker_id, lease_expires_at=row.lease_expires_at,
+                       created_at=row.created_at, updated_at=row.updated_at, finished_at=row.finished_at)
+
+
+def _lease(point: PointRow, study: StudyRow) -> Lease:
+    return Lease(point_id=point.id, study_id=point.study_id, number=point.number,
+                 params=json.loads(point.params_json), attempt=point.attempt, worker_id=point.worker_id or "",
+                 lease_token=point.lease_token or "", expires_at=point.lease_expires_at or 0.0,
+                 stop=study.state != StudyState.RUNNING)
+
+
+def _checkpoint(row: CheckpointRow) -> CheckpointMeta:
+    return CheckpointMeta(point_id=row.point_id, path=row.path, sha256=row.sha256, size=row.size,
+                          updated_at=row.updated_at)
+
+
+def _observation(params_json: str, loss: float | None, state: str) -> Observation:
+    final = PointState(state) in FINAL_STATES
+    return Observation(json.loads(params_json), loss if final else None, state if final else "pending")
+
+
+def _encode_params(params: Any, index: int) -> str:
+    if not isinstance(params, dict):
+        raise InvalidValueError(f"params_list[{index}]: a point is a JSON object, got {type(params).__name__}")
+    try:
+        return json.dumps(params, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidValueError(f"params_list[{index}]: not JSON-serialisable: {exc}") from None
+
+
+def _bounded(value: str | None, limit: int, what: str) -> None:
+    """Refuse what one backend would truncate or reject and another keep: both must agree."""
+    if value is not None and (not isinstance(value, str) or len(value) > limit):
+        raise InvalidValueError(f"{what} must be a string of at most {limit} characters")
+
+
+def _finite(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidValueError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _final_status(status: PointState | str) -> PointState:
+    try:
+        state = PointState(status)
+    except ValueError:
+        state = None
+    if state not in FINAL_STATES:
+        raise InvalidValueError(f"a point finishes as done, pruned or failed, not {status!r}")
+    return state
