@@ -9,14 +9,18 @@ with "tell not asked" and asks for new points:
   there is nothing to compare with, so they are not told. None of them is ever proposed again:
   ``Problem.claim`` refuses every known point, and an asked candidate that duplicates one is told its known
   loss (or the liar) before asking again.
-* ``num_workers`` is the batch size (at least ``MIN_WORKERS``: sequential-only optimisers, such as the
-  Cobyla that NGOpt picks for one worker, cannot learn from points they did not ask for);
-  ``budget`` is what is replayed plus this batch and one more: the study's real budget is unknown here.
+* ``num_workers`` is the batch size, except for sequential-only optimisers (``no_parallelization``: Cobyla,
+  BFGS, ...), which get one worker and are told the liar for each point they propose, since they wait for a
+  loss before proposing the next. ``budget`` is what is replayed plus this batch and one more: the study's
+  real budget is unknown to steering, and NGOpt's choice of optimiser follows what it is actually told.
+* Optimisers that refuse replayed points, need a package that is not installed or break on the space end in
+  a SpecError on ``method`` that names them.
 
 Speed. Profiling (cProfile) of the obvious replay, ``spawn_child(new_value=...)`` then ``tell`` per point,
-showed 5 to 70 ms per point on the MLPF space, nearly all of it in nevergrad walking its parameter trees:
-every copy, freeze, constraint check and conversion visits each node, each Scalar is three nodes (itself,
-its ``parameters`` dict, its ``sigma``) and a ``Choice`` of k categories is k + 5. Hence:
+showed 7 to 100 ms per point on the MLPF space (NGOpt, which picked a CMA portfolio, 70 to 100 ms), nearly all
+of it in nevergrad walking its parameter trees: every copy, freeze, constraint check and conversion visits
+each node, each Scalar is three nodes (itself, its ``parameters`` dict, its ``sigma``) and a ``Choice`` of k
+categories is k + 5. Hence:
 
 * dimensions of one kind share one nevergrad ``Array`` (per-element bounds and sigma, log kinds in log
   space exactly as ``ng.p.Log`` does, one integer-cast array for ``uniformint``), and an unordered
@@ -26,22 +30,25 @@ its ``parameters`` dict, its ``sigma``) and a ``Choice`` of k categories is k + 
   candidate is ``spawn_child().set_standardized_data(row)``;
 * wrappers that only delegate (NGOpt and the other competence maps, CMA) are bypassed: their selected
   optimiser is told directly, which halves the work;
-* ``Choice`` is deterministic (argmax of its weights): a replayed point means exactly its category, and
-  NGOpt picks a discrete (1+1) rather than a noise-handling CMA portfolio it would pick for random choices.
+* ``Choice`` is deterministic (argmax of its weights): a replayed point means exactly its category, and on
+  MLPF NGOpt picks DiscreteLenglerOnePlusOne instead of the CMandAS2 portfolio it picks when choices are
+  drawn at random (nevergrad then treats the function as noisy).
 
-Even so nevergrad costs about 1 ms per told point, so at most ``REPLAY_LIMIT`` completed points are told: the
-``REPLAY_ELITES`` best plus the most recent, in history order. That is what these optimisers keep anyway (a
-(1+1) its best point, DE and PSO a population of the best, CMA the last generations); all older points still
-count for deduplication.
+Even so nevergrad costs 1.5 to 2 ms per told point (4 to 5 ms for CMA, whose every tell rebuilds a
+``p.helpers.Normalizer``), so at most ``REPLAY_LIMIT`` completed points are told: the ``REPLAY_ELITES`` best plus
+the most recent, in history order. That is what these optimisers keep anyway (a (1+1) its best point, DE and
+PSO a population of the best, CMA the last few generations); all older points still count for deduplication.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import heapq
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import nevergrad as ng
@@ -51,16 +58,19 @@ from hepopt.errors import SpecError
 from hepopt.space import Dimension, SearchSpace
 from steering_container.api import Problem, derive_seed
 
-#: Completed points told to the optimiser at most (measured: NGOpt on MLPF stays well under 1 s).
-REPLAY_LIMIT = 120
+#: Completed points told to the optimiser at most: with LIAR_LIMIT, keeps CMA (the slowest to tell, about 4 ms
+#: a point) under 1 s on MLPF on a busy 2-core machine; NGOpt takes about half of that.
+REPLAY_LIMIT = 80
 #: How many of those are the best points; the rest are the most recent ones.
-REPLAY_ELITES = 40
+REPLAY_ELITES = 30
 #: Failed and pending points told at most (the most recent ones).
-LIAR_LIMIT = 40
+LIAR_LIMIT = 30
 #: Asks per requested point before giving up; ``propose`` tops up the rest at random.
 ASKS_PER_POINT = 10
-#: Smallest ``num_workers``: keeps NGOpt away from sequential-only optimisers that refuse replayed points.
-MIN_WORKERS = 2
+#: Seconds one ask may take before the optimiser is deemed stuck (see ``_ask_within_deadline``).
+ASK_TIMEOUT_S = 20.0
+#: Loss told when none is known yet: any constant will do, only comparisons between losses matter.
+NEUTRAL_LOSS = 0.0
 #: Close matches named when an optimiser name is unknown.
 MAX_SUGGESTIONS = 5
 #: Optimisers suggested when nothing resembles an unknown name.
@@ -95,40 +105,52 @@ def propose_nevergrad(optimizer_name: str, problem: Problem, n: int) -> list[dic
     encoding = Encoding(problem.space)
     if not encoding.groups or n <= 0:
         return []  # nothing to optimise: propose() fills in the only points there are
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _as_spec_errors(optimizer_name):
         warnings.simplefilter("ignore", ng.errors.NevergradWarning)
         warnings.filterwarnings("ignore", module="cma")  # pycma's "no matplotlib" notice
-        try:
-            return _run(optimizer_name, encoding, problem, n)
-        except ng.errors.TellNotAskedNotSupportedError as exc:
-            raise SpecError([("method", f"nevergrad optimizer {optimizer_name!r} cannot learn from points it did "
-                              "not propose, which stateless steering needs; use e.g. NGOpt, CMA or "
-                              "TwoPointsDE")]) from exc
-        except ImportError as exc:
-            raise SpecError([("method", f"nevergrad optimizer {optimizer_name!r} needs a package that is not "
-                              f"installed: {exc}")]) from exc
+        return _run(optimizer_name, encoding, problem, n)
+
+
+@contextlib.contextmanager
+def _as_spec_errors(optimizer_name: str) -> Iterator[None]:
+    """Turn an optimiser that cannot run here into a SpecError on ``method`` (iDDS then gets a clear message)."""
+    advice = "use e.g. NGOpt, CMA or TwoPointsDE"
+    try:
+        yield
+    except SpecError:
+        raise
+    except ng.errors.TellNotAskedNotSupportedError as exc:
+        raise SpecError([("method", f"nevergrad optimizer {optimizer_name!r} cannot learn from points it did not "
+                          f"propose, which stateless steering needs; {advice}")]) from exc
+    except ImportError as exc:
+        raise SpecError([("method", f"nevergrad optimizer {optimizer_name!r} needs a package that is not "
+                          f"installed ({exc}); {advice}")]) from exc
+    except (ArithmeticError, AssertionError, LookupError, RuntimeError, TypeError, ValueError) as exc:
+        raise SpecError([("method", f"nevergrad optimizer {optimizer_name!r} failed on this search space "
+                          f"({type(exc).__name__}: {exc}); {advice}")]) from exc
 
 
 def _run(optimizer_name: str, encoding: Encoding, problem: Problem, n: int) -> list[dict[str, Any]]:
     replay = replay_plan(problem)
     parametrization = encoding.parametrization(derive_seed(problem.seed, "nevergrad", optimizer_name))
-    optimizer = _make_optimizer(optimizer_name, parametrization, budget=len(replay) + 2 * n,
-                                num_workers=max(MIN_WORKERS, n))
-    learner = _delegate(optimizer)
+    optimizer, learner, sequential = _make_optimizer(optimizer_name, parametrization, len(replay) + 2 * n, n)
     rows = encoding.standardize([flat for flat, _ in replay])
-    for row, (_, loss) in zip(rows, replay):
+    for row, (_, loss) in zip(rows, replay, strict=True):
         learner.tell(parametrization.spawn_child().set_standardized_data(row), loss)
-    return _ask_new(optimizer, encoding, problem, n)
+    return _ask_new(optimizer, encoding, problem, n, sequential)
 
 
-def _make_optimizer(name: str, parametrization: ng.p.Parameter, budget: int, num_workers: int) -> Any:
-    cls = ng.optimizers.registry[name]
-    try:
-        return cls(parametrization, budget=budget, num_workers=num_workers)
-    except ValueError:
-        if not getattr(cls, "no_parallelization", False):
-            raise
-        return cls(parametrization, budget=budget, num_workers=1)  # a sequential-only optimiser
+def _make_optimizer(name: str, parametrization: ng.p.Parameter, budget: int, n: int) -> tuple[Any, Any, bool]:
+    """The optimiser, the one to tell (see ``_delegate``), and whether it is sequential-only."""
+    factory = ng.optimizers.registry[name]
+    if not getattr(factory, "no_parallelization", False):
+        try:
+            optimizer = factory(parametrization, budget=budget, num_workers=n)
+            return optimizer, _delegate(optimizer), False
+        except ValueError:  # a part of it is sequential-only, and nevergrad only says so when building it
+            pass
+    optimizer = factory(parametrization, budget=budget, num_workers=1)
+    return optimizer, _delegate(optimizer), True
 
 
 def _delegate(optimizer: Any) -> Any:
@@ -144,7 +166,7 @@ def _delegate(optimizer: Any) -> Any:
 
 
 def replay_plan(problem: Problem) -> list[tuple[dict[str, Any], float]]:
-    """The (point, loss) pairs to tell, oldest first: see the module docstring for the choice."""
+    """The (point, loss) pairs to tell: completed points in history order, then failed and pending ones."""
     completed = problem.completed
     if not completed:
         return []
@@ -157,22 +179,56 @@ def replay_plan(problem: Problem) -> list[tuple[dict[str, Any], float]]:
     return completed + [(flat, liar) for flat in others]
 
 
-def _ask_new(optimizer: Any, encoding: Encoding, problem: Problem, n: int) -> list[dict[str, Any]]:
-    known = {problem.space.key(flat): loss for flat, loss in problem.completed}
-    liar = max(known.values(), default=None)
+def _ask_new(optimizer: Any, encoding: Encoding, problem: Problem, n: int, sequential: bool) -> list[dict[str, Any]]:
+    """Ask until ``n`` new points; a sequential optimiser is told the liar for each, as it waits for a loss."""
+    liar = max((loss for _, loss in problem.completed), default=NEUTRAL_LOSS)
+    known: dict[tuple[Any, ...], float] = {}  # loss by point key, filled at the first duplicate
     out: list[dict[str, Any]] = []
     for _ in range(ASKS_PER_POINT * n):
-        candidate = optimizer.ask()
+        candidate = _ask_within_deadline(optimizer)
         flat = encoding.decode(candidate.value)
         if problem.claim(flat):
             out.append(flat)
+            if sequential:
+                optimizer.tell(candidate, liar)
             if len(out) == n:
                 break
-            continue
-        loss = known.get(problem.space.key(flat), liar)
-        if loss is not None:
-            optimizer.tell(candidate, loss)  # so that it moves on instead of asking the same point again
+        else:
+            if not known:
+                known.update((problem.space.key(done), loss) for done, loss in problem.completed)
+            optimizer.tell(candidate, known.get(problem.space.key(flat), liar))  # so that it moves on
     return out
+
+
+class OptimizerStalledError(RuntimeError):
+    """An ask did not return in ``ASK_TIMEOUT_S``."""
+
+
+def _ask_within_deadline(optimizer: Any) -> ng.p.Parameter:
+    """``optimizer.ask()``, or OptimizerStalledError when it blocks.
+
+    Some optimisers run scipy in a thread that waits for the loss of each point it proposed; inside a chain
+    or portfolio a replayed history can leave one waiting for a loss that is never routed to it, and its next
+    ask would block forever. The ask runs in a daemon thread so that steering fails instead of hanging (the
+    blocked thread is abandoned).
+    """
+    outcome: list[Any] = []
+
+    def ask() -> None:
+        try:
+            outcome.append(optimizer.ask())
+        except Exception as exc:  # handed over to the calling thread below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=ask, name="nevergrad-ask", daemon=True)
+    worker.start()
+    worker.join(ASK_TIMEOUT_S)
+    if not outcome:
+        raise OptimizerStalledError(f"an ask took more than {ASK_TIMEOUT_S:g} s; the optimiser waits for a result "
+                                    "that stateless steering cannot give it")
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
 
 
 class Encoding:
@@ -203,7 +259,7 @@ class Encoding:
         """The flat point of a candidate's value, quantized onto the values each dimension can take."""
         flat = dict(self.constants)
         for group in self.groups:
-            flat.update(zip((d.name for d in group.dims), group.decode(value[group.key])))
+            flat.update(zip((d.name for d in group.dims), group.decode(value[group.key]), strict=True))
         return {name: flat[name] for name in self.space.names}
 
 
@@ -256,11 +312,12 @@ class _NumericGroup:
         native = np.asarray(value, dtype=float).reshape(1, -1)
         raw = native.copy()
         raw[:, self.log] = np.exp(native[:, self.log])
-        return [d.quantize(float(x)) for d, x in zip(self.dims, raw[0])]
+        return [d.quantize(float(x)) for d, x in zip(self.dims, raw[0], strict=True)]
 
     def _to_native(self, values: np.ndarray) -> np.ndarray:
         out = values.copy()
-        out[:, self.log] = np.log(values[:, self.log])
+        # a qlognormal value rounded down to 0 has no logarithm: take the smallest positive float instead
+        out[:, self.log] = np.log(np.maximum(values[:, self.log], np.finfo(float).tiny))
         return out
 
 
@@ -290,7 +347,7 @@ class _CategoricalGroup:
         return _standardize(self.parameter(len(flats)), set_indices, len(flats))
 
     def decode(self, value: Any) -> list[Any]:
-        return [d.choices[int(i)] for d, i in zip(self.dims, np.ravel(value))]
+        return [d.choices[int(i)] for d, i in zip(self.dims, np.ravel(value), strict=True)]
 
 
 def _index(dim: Dimension, value: Any) -> int:
@@ -300,6 +357,7 @@ def _index(dim: Dimension, value: Any) -> int:
 
 def _standardize(reference: ng.p.Parameter, set_value: Callable[[ng.p.Parameter], None], rows: int) -> np.ndarray:
     """Let nevergrad convert ``rows`` points at once: set them on a copy of a ``rows``-wide parameter."""
+    reference.random_state = np.random.RandomState(0)  # unused, but spares numpy's global generator
     child = reference.spawn_child()
     set_value(child)
     return child.get_standardized_data(reference=reference).reshape(rows, -1)

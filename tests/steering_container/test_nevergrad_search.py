@@ -10,7 +10,7 @@ import pytest
 from hepopt.errors import SpecError
 from hepopt.space import SearchSpace
 from steering_container.api import Observation, make_problem, propose
-from steering_container.methods import get_method
+from steering_container.methods import get_method, nevergrad_search
 from steering_container.methods.nevergrad_search import (
     REPLAY_ELITES,
     REPLAY_LIMIT,
@@ -25,6 +25,7 @@ OPTIMIZERS = ("NGOpt", "CMA", "TwoPointsDE", "DiscreteOnePlusOne", "OnePlusOne")
 MIXED = SearchSpace.parse({
     "lr": {"method": "loguniform", "dimension": {"low": 1e-6, "high": 3e-2}},
     "layers": {"method": "uniformint", "dimension": {"low": 0, "high": 4}},
+    "heads": {"type": "Scalar", "bounds": [1, 16], "integer": True},
     "dropout": {"method": "uniform", "dimension": {"low": 0.0, "high": 0.5}},
     "batch": {"method": "qloguniform", "dimension": {"low": 8, "high": 512, "q": 8}},
     "momentum": {"method": "quniform", "dimension": {"low": 0.5, "high": 0.99, "q": 0.01}},
@@ -75,9 +76,30 @@ def test_every_point_of_a_tiny_space_is_proposed_once():
     remaining = {space.key(p) for p in grid[4:]}
     for optimizer in OPTIMIZERS:
         own = propose_nevergrad(optimizer, make_problem(space, history, seed=1), 5)
-        assert {space.key(f) for f in own} <= remaining
+        assert own and {space.key(f) for f in own} <= remaining
         points = propose(space, history, 5, f"nevergrad:{optimizer}", seed=1)
         assert {space.key(space.flatten(p)) for p in points} == remaining
+
+
+@pytest.mark.parametrize("optimizer", ["Cobyla", "DiscreteDoerrOnePlusOne"])
+def test_sequential_only_optimizers_still_give_a_full_batch(optimizer):
+    problem = make_problem(MIXED, mixed_history(), seed=2)
+    assert len(propose_nevergrad(optimizer, problem, 4)) == 4
+
+
+def test_a_log_value_of_zero_in_the_history_is_accepted():
+    space = SearchSpace.parse({"k": {"method": "qlognormal", "dimension": {"mu": 0, "sigma": 1, "q": 1}}})
+    history = [Observation({"k": 0}, 1.0), Observation({"k": 2}, 0.5)]
+    assert len(propose(space, history, 3, "nevergrad:NGOpt", seed=0)) == 3
+
+
+def test_optimizers_that_cannot_run_statelessly_are_spec_errors(monkeypatch):
+    monkeypatch.setattr(nevergrad_search, "ASK_TIMEOUT_S", 0.5)
+    problem = make_problem(MIXED, mixed_history(), seed=2)
+    for optimizer, why in (("EDA", "cannot learn from points it did not propose"), ("Carola1", "more than 0.5 s")):
+        with pytest.raises(SpecError, match=why) as caught:
+            propose_nevergrad(optimizer, problem, 3)
+        assert caught.value.problems[0][0] == "method" and optimizer in str(caught.value)
 
 
 def test_same_seed_same_points_and_other_seed_other_points():
@@ -126,7 +148,7 @@ def test_encoding_round_trips_points_through_standardized_data():
     encoding = Encoding(MIXED)
     parametrization = encoding.parametrization(seed=0)
     flats = [MIXED.flatten(MIXED.sample(random.Random(i))) for i in range(20)]
-    for flat, row in zip(flats, encoding.standardize(flats)):
+    for flat, row in zip(flats, encoding.standardize(flats), strict=True):
         back = encoding.decode(parametrization.spawn_child().set_standardized_data(row).value)
         assert back.keys() == flat.keys()
         for name, value in flat.items():
