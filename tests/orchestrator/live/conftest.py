@@ -27,7 +27,7 @@ SERVER_START_TIMEOUT_S = 60.0
 PROCESS_EXIT_TIMEOUT_S = 30.0
 POLL_S = 0.1
 #: Short enough that an expired lease comes back quickly, long enough for a loaded CI machine.
-TEST_LEASE_SECONDS = 3.0
+TEST_LEASE_SECONDS = 5.0
 REAPER_INTERVAL = "0.3s"
 RETRY_AFTER = "0.2s"
 USER = "tester"

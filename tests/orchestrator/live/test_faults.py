@@ -18,6 +18,9 @@ pytestmark = pytest.mark.slow
 STUDY_TIMEOUT_S = 120
 CONCURRENT_WORKERS = 64
 CONCURRENT_POINTS = 320
+#: Lease of the concurrency test: it checks locking and double leases, not expiry, so no lease may
+#: expire even on a machine slowed by other jobs (a reaped lease would rightly be re-leased).
+CONCURRENT_LEASE_S = 600
 
 
 def _wait_all(procs: list[subprocess.Popen[bytes]], logs: list[Path], timeout: float = STUDY_TIMEOUT_S) -> list[int]:
@@ -84,7 +87,8 @@ def test_orchestrator_killed_and_restarted_loses_nothing(kit: Any, server: Any, 
 def test_64_concurrent_workers_on_sqlite(kit: Any, server: Any) -> None:
     from hepopt.client import Client
 
-    task = kit.make_task(CONCURRENT_POINTS, parallel=CONCURRENT_WORKERS, evaluationExec="unused")
+    task = kit.make_task(CONCURRENT_POINTS, parallel=CONCURRENT_WORKERS, evaluationExec="unused",
+                         hepopt={"leaseSeconds": CONCURRENT_LEASE_S})
     study = kit.create_study(server, task)
     leased: list[int] = []
     errors: list[BaseException] = []
