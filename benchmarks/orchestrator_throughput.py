@@ -11,12 +11,18 @@ for a fixed time against
 Each configuration runs on a fresh database, empty or already holding 10,000 finished points with 10
 intermediate values each (bulk-loaded with SQL: both public APIs need about a tenth of a second per
 point on this machine). Printed per configuration: cycles/s of both, their ratio, ask latency
-p50/p99 (asks that leased a point), waits and errors. Targets: ratio ≥ 10 at C = 32 on SQLite, p99 ask
-< 50 ms.
+p50/p99 (asks that leased a point), CPU milliseconds per cycle (hepopt: server + client processes;
+Optuna: its one process), waits and errors. The clients share the machine with the server, so on a
+small machine their CPU is part of the price. Targets: ratio ≥ 10 at C = 32 on SQLite, p99 ask < 50 ms.
+
+``--ceiling`` adds, per configuration, the rate of the same C clients calling ``GET /health`` on the
+same server: what FastAPI + uvicorn + requests manage here with no storage at all, expressed as
+cycles/s (requests/s divided by the REQUESTS_PER_CYCLE requests of a cycle).
 
     python benchmarks/orchestrator_throughput.py                      # SQLite, C = 1, 8, 32
     python benchmarks/orchestrator_throughput.py --db postgres        # a private PostgreSQL cluster (initdb)
     python benchmarks/orchestrator_throughput.py --db postgresql://me@dbhost/postgres
+    python benchmarks/orchestrator_throughput.py --concurrency 32 --preload 0 --seconds 5 --ceiling
 """
 
 from __future__ import annotations
@@ -38,12 +44,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import requests
 
 REPORTS_PER_CYCLE = 10
+REQUESTS_PER_CYCLE = REPORTS_PER_CYCLE + 2
 PRELOAD_POINTS = 10_000
 CONCURRENCY = (1, 8, 32)
 DEFAULT_SECONDS = 10.0
@@ -69,6 +77,12 @@ class Result:
     waits: int = 0
     errors: list[str] = field(default_factory=list)
     ask_seconds: list[float] = field(default_factory=list)
+    #: CPU seconds spent during the run by this process (the clients, or Optuna) and by the server.
+    cpu_seconds: float = 0.0
+    server_cpu_seconds: float = 0.0
+
+    def cpu_ms_per_cycle(self) -> float:
+        return 1000 * (self.cpu_seconds + self.server_cpu_seconds) / self.cycles if self.cycles else float("nan")
 
     @property
     def rate(self) -> float:
@@ -96,9 +110,23 @@ class Tally:
             self.result.errors.extend(errors)
 
 
-def run_threads(concurrency: int, seconds: float, cycle_loop: Callable[[int, float, Tally], None]) -> Result:
-    """Start ``concurrency`` threads together; each runs cycles until the deadline, then finishes its cycle."""
+def process_cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time of a process (this one by default), from /proc on Linux."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_threads(concurrency: int, seconds: float, cycle_loop: Callable[[int, float, Tally], None],
+                server_pid: int | None = None) -> Result:
+    """Start ``concurrency`` threads together; each runs cycles until the deadline, then finishes its cycle.
+
+    The CPU time of this process and of the server (if any) over the run is recorded in the result."""
     tally = Tally()
+    cpu_before = process_cpu_seconds()
+    server_before = process_cpu_seconds(server_pid) if server_pid else 0.0
     barrier = threading.Barrier(concurrency + 1)
     starts: list[float] = []
 
@@ -114,6 +142,9 @@ def run_threads(concurrency: int, seconds: float, cycle_loop: Callable[[int, flo
     for thread in threads:
         thread.join()
     tally.result.seconds = time.perf_counter() - starts[0]
+    tally.result.cpu_seconds = process_cpu_seconds() - cpu_before
+    if server_pid:
+        tally.result.server_cpu_seconds = process_cpu_seconds(server_pid) - server_before
     return tally.result
 
 
@@ -167,8 +198,8 @@ def preload_hepopt(storage: Any, study_id: int, n: int) -> None:
 
 
 @contextlib.contextmanager
-def hepopt_server(url: str, data_dir: Path, log_path: Path) -> Iterator[str]:
-    """``hepopt serve`` as a subprocess on a free loopback port; yields its URL."""
+def hepopt_server(url: str, data_dir: Path, log_path: Path) -> Iterator[tuple[str, int]]:
+    """``hepopt serve`` as a subprocess on a free loopback port; yields its URL and process id."""
     port = free_port()
     argv = [sys.executable, "-m", "hepopt", "serve", "--db", url, "--port", str(port), "--data-dir", str(data_dir),
             "--log-level", "warning"]
@@ -181,7 +212,7 @@ def hepopt_server(url: str, data_dir: Path, log_path: Path) -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"hepopt serve did not start:\n{log_path.read_text()}")
             time.sleep(0.1)
-        yield base
+        yield base, proc.pid
     finally:
         proc.terminate()
         try:
@@ -197,11 +228,13 @@ def _healthy(base: str) -> bool:
         return False
 
 
-def bench_hepopt(url: str, workdir: Path, concurrency: int, preload: int, seconds: float) -> Result:
+def bench_hepopt(url: str, workdir: Path, concurrency: int, preload: int, seconds: float,
+                 ceiling: bool = False) -> tuple[Result, Result | None]:
+    """The cycles against a fresh server, and (with ``ceiling``) the /health rate on that same server."""
     from hepopt.client import Client
 
     study_id, token = prepare_hepopt(url, concurrency, preload)
-    with hepopt_server(url, workdir / "data", workdir / "serve.log") as base, Client(base, token) as owner:
+    with hepopt_server(url, workdir / "data", workdir / "serve.log") as (base, pid), Client(base, token) as owner:
         worker_token = owner.create_worker_token(study_id)
         _wait_for_points(owner, study_id, preload + concurrency)
 
@@ -209,7 +242,30 @@ def bench_hepopt(url: str, workdir: Path, concurrency: int, preload: int, second
             with Client(base, worker_token) as client:
                 _hepopt_cycles(client, study_id, f"bench-{index}", deadline, tally)
 
-        return run_threads(concurrency, seconds, loop)
+        result = run_threads(concurrency, seconds, loop, server_pid=pid)
+        return result, (bench_ceiling(base, pid, concurrency, seconds) if ceiling else None)
+
+
+def bench_ceiling(base: str, pid: int, concurrency: int, seconds: float) -> Result:
+    """C clients calling ``GET /health`` through the workers' HTTP transport (one session each). The
+    result counts requests as ``cycles``: divide its rate by REQUESTS_PER_CYCLE to compare with a cycle's."""
+    from hepopt.client import HttpTransport
+
+    def loop(_index: int, deadline: float, tally: Tally) -> None:
+        done = 0
+        errors: list[str] = []
+        transport = HttpTransport(base, None)
+        try:
+            while time.perf_counter() < deadline:
+                status = transport.request("GET", "/health").status_code
+                done += status == HTTPStatus.OK
+                if status != HTTPStatus.OK:
+                    errors.append(f"GET /health answered {status}")
+        finally:
+            transport.close()
+        tally.merge(done, 0, [], errors)
+
+    return run_threads(concurrency, seconds, loop, server_pid=pid)
 
 
 def _wait_for_points(client: Any, study_id: int, n: int) -> None:
@@ -427,14 +483,27 @@ def free_port() -> int:
 
 # -- report -------------------------------------------------------------------------------------
 HEADER = (f"{'backend':<10} {'points':>7} {'C':>3} | {'hepopt/s':>9} {'optuna/s':>9} {'ratio':>6} | "
-          f"{'hepopt ask p50/p99 ms':>22} {'optuna ask p50/p99 ms':>22} | {'waits':>5} {'errors h/o':>10}")
+          f"{'hepopt ask p50/p99 ms':>22} {'optuna ask p50/p99 ms':>22} | {'CPU ms/cycle srv+cli/o':>23} | "
+          f"{'waits':>5} {'errors h/o':>10}")
 
 
 def row(backend: str, preload: int, concurrency: int, hep: Result, opt: Result) -> str:
     ratio = hep.rate / opt.rate if opt.rate else float("inf")
     return (f"{backend:<10} {preload:>7} {concurrency:>3} | {hep.rate:>9.1f} {opt.rate:>9.1f} {ratio:>6.1f} | "
             f"{hep.ask_ms(0.5):>10.1f} /{hep.ask_ms(0.99):>9.1f} {opt.ask_ms(0.5):>10.1f} /{opt.ask_ms(0.99):>9.1f} | "
+            f"{_per_cycle(hep.server_cpu_seconds, hep):>5.1f}+{_per_cycle(hep.cpu_seconds, hep):<5.1f}"
+            f"={hep.cpu_ms_per_cycle():>5.1f} /{opt.cpu_ms_per_cycle():>5.1f} | "
             f"{hep.waits:>5} {len(hep.errors):>4}/{len(opt.errors):<5}")
+
+
+def _per_cycle(seconds: float, result: Result) -> float:
+    return 1000 * seconds / result.cycles if result.cycles else float("nan")
+
+
+def ceiling_row(ceiling: Result) -> str:
+    return (f"  ceiling: GET /health {ceiling.rate:.0f} requests/s = {ceiling.rate / REQUESTS_PER_CYCLE:.1f} "
+            f"cycles/s; CPU ms/request server {_per_cycle(ceiling.server_cpu_seconds, ceiling):.2f} + "
+            f"clients {_per_cycle(ceiling.cpu_seconds, ceiling):.2f}; errors {len(ceiling.errors)}")
 
 
 def verdict(backend: str, concurrency: int, hep: Result, opt: Result) -> str | None:
@@ -461,6 +530,8 @@ def main() -> int:
                         "postgresql:// URL of a server on which scratch databases may be created")
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY), help="thread counts C")
     parser.add_argument("--seconds", type=float, default=DEFAULT_SECONDS, help="measurement time per run")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also measure GET /health with the same clients on the same server")
     parser.add_argument("--preload", type=int, nargs="+", default=[0, PRELOAD_POINTS],
                         help="finished points already in the study (default: 0 and 10000)")
     args = parser.parse_args()
@@ -476,9 +547,12 @@ def main() -> int:
                 for concurrency in args.concurrency:
                     run_dir = workdir / f"hepopt-{preload}-{concurrency}"
                     run_dir.mkdir()
-                    hep = bench_hepopt(dbs.fresh("hepopt"), run_dir, concurrency, preload, args.seconds)
+                    hep, ceiling = bench_hepopt(dbs.fresh("hepopt"), run_dir, concurrency, preload, args.seconds,
+                                                args.ceiling)
                     opt = bench_optuna(dbs.fresh("optuna"), concurrency, preload, args.seconds)
                     print(row(dbs.kind, preload, concurrency, hep, opt), flush=True)
+                    if ceiling is not None:
+                        print(ceiling_row(ceiling), flush=True)
                     for name, result in (("hepopt", hep), ("optuna", opt)):
                         for error in sorted(set(result.errors))[:3]:
                             print(f"  {name} error: {error}")

@@ -82,8 +82,7 @@ class HttpTransport(Transport):
         self.base_url = base if base.endswith(API_PREFIX) else base + API_PREFIX
         self.timeout = timeout
         self.retries = retries
-        self.session = requests.Session()
-        self.session.verify = verify
+        self.session = _session_with_environment(self.base_url, verify)
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
@@ -110,6 +109,21 @@ class HttpTransport(Transport):
 
     def close(self) -> None:
         self.session.close()
+
+
+def _session_with_environment(url: str, verify: bool | str) -> requests.Session:
+    """A session that read proxy and CA-bundle variables once, for ``url``'s host.
+
+    With ``trust_env`` requests re-reads the whole environment (and looks for ~/.netrc) on every request,
+    a large share of a small request's client CPU; a worker's environment does not change, and netrc
+    credentials would only replace the bearer token.
+    """
+    session = requests.Session()
+    settings = session.merge_environment_settings(url, {}, None, verify, None)
+    session.proxies.update(settings["proxies"])
+    session.verify = settings["verify"]
+    session.trust_env = False
+    return session
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,20 @@
 
 Every rule that protects the budget lives in storage; this module authenticates, validates the wire
 format, and translates storage errors into HTTP answers in one place (:func:`install_error_handlers`).
-Handlers are plain functions (FastAPI runs them in its thread pool) because storage calls block.
+Handlers are plain functions (FastAPI runs them in its thread pool) because storage calls block;
+dependencies that do no I/O are ``async`` so that a request costs one hop to the thread pool, not one
+per dependency.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
@@ -51,6 +56,12 @@ CHECKSUM_HEADER = "X-Checksum-Sha256"
 MAX_NAME_CHARS = 200
 MAX_MESSAGE_CHARS = 10_000
 MAX_ID_CHARS = 200
+#: Studies whose owner and task (both immutable) the hot routes keep in memory.
+STUDY_FACTS_CACHE_SIZE = 4096
+#: How long a verified token's grant is reused without reading storage (expiry is checked on every
+#: use): a token revoked in the database stops working within this time.
+GRANT_CACHE_SECONDS = 5.0
+GRANT_CACHE_SIZE = 4096
 #: Storage/service errors and the HTTP status each one means (the single mapping).
 ERROR_STATUS: dict[type[Exception], HTTPStatus] = {
     NotFoundError: HTTPStatus.NOT_FOUND,
@@ -99,6 +110,35 @@ class TokenBody(_Body):
 
 
 # -- the service behind the routes ------------------------------------------------------------
+class GrantCache:
+    """Recently verified grants by the sha256 of their secret (never the secret itself): a bounded LRU."""
+
+    def __init__(self, seconds: float = GRANT_CACHE_SECONDS, size: int = GRANT_CACHE_SIZE) -> None:
+        self.seconds = seconds
+        self.size = size
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, tuple[float, TokenInfo]] = OrderedDict()
+
+    def get(self, secret: str) -> TokenInfo | None:
+        key = _digest(secret)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or time.monotonic() - entry[0] >= self.seconds:
+                return None
+            self._entries.move_to_end(key)
+            return entry[1]
+
+    def put(self, secret: str, info: TokenInfo) -> None:
+        with self._lock:
+            self._entries[_digest(secret)] = (time.monotonic(), info)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
 @dataclass
 class Service:
     """What every route needs; one per app, reachable as ``request.app.state.service``."""
@@ -109,12 +149,32 @@ class Service:
     metrics: Metrics
     stopping: StoppingDecider
     checkpoints: CheckpointStore
+    grants: GrantCache = field(default_factory=GrantCache)
+    _facts: OrderedDict[int, tuple[str, Task]] = field(default_factory=OrderedDict)
+    _facts_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def study(self, who: TokenInfo, study_id: int) -> StudyRecord:
         """The study if this token may see it: 403 for a worker token of another study, 404 if foreign."""
-        if who.study_id is not None and who.study_id != study_id:
-            raise HTTPException(HTTPStatus.FORBIDDEN, "this worker token serves another study")
+        _check_scope(who, study_id)
         return self.storage.get_study(study_id, owner=who.user)
+
+    def task(self, who: TokenInfo, study_id: int) -> Task:
+        """The study's task, with the access rules of :meth:`study`. A study's owner and task never change,
+        so they are cached: the worker routes then spend one storage transaction per request."""
+        _check_scope(who, study_id)
+        with self._facts_lock:
+            facts = self._facts.get(study_id)
+        if facts is None:
+            study = self.storage.get_study(study_id)
+            facts = (study.owner, study.task)
+            with self._facts_lock:
+                self._facts[study_id] = facts
+                while len(self._facts) > STUDY_FACTS_CACHE_SIZE:
+                    self._facts.popitem(last=False)
+        owner, task = facts
+        if owner != who.user:
+            raise NotFoundError(f"study {study_id} not found")
+        return task
 
     def point(self, who: TokenInfo, study_id: int, point_id: int) -> tuple[StudyRecord, PointRecord]:
         """The study and its point, with the access rules of :meth:`study`."""
@@ -134,11 +194,11 @@ class Service:
             "task": study.task.to_json(), "created_at": study.created_at, "updated_at": study.updated_at,
         }
 
-    def lease_json(self, lease: Lease, study: StudyRecord) -> dict[str, Any]:
+    def lease_json(self, lease: Lease, task: Task) -> dict[str, Any]:
         return {"point_id": lease.point_id, "study_id": lease.study_id, "number": lease.number,
                 "params": lease.params, "attempt": lease.attempt, "lease_token": lease.lease_token,
-                "expires_at": lease.expires_at, "lease_seconds": study.task.hepopt.leaseSeconds,
-                "has_checkpoint": self.storage.get_checkpoint_meta(lease.point_id) is not None}
+                "expires_at": lease.expires_at, "lease_seconds": task.hepopt.leaseSeconds,
+                "has_checkpoint": lease.has_checkpoint}
 
     def validate_task(self, doc: dict[str, Any]) -> Task:
         """Refuse what the server cannot or may not run, naming the key; nothing is stored on refusal."""
@@ -152,13 +212,18 @@ class Service:
         return task
 
 
+def _check_scope(who: TokenInfo, study_id: int) -> None:
+    if who.study_id is not None and who.study_id != study_id:
+        raise HTTPException(HTTPStatus.FORBIDDEN, "this worker token serves another study")
+
+
 def point_json(point: PointRecord) -> dict[str, Any]:
     return {"id": point.id, "number": point.number, "params": point.params, "state": point.state.value,
             "attempt": point.attempt, "loss": point.loss, "message": point.message, "worker_id": point.worker_id,
             "created_at": point.created_at, "finished_at": point.finished_at}
 
 
-def service(request: Request) -> Service:
+async def service(request: Request) -> Service:
     return request.app.state.service
 
 
@@ -168,13 +233,22 @@ Svc = Annotated[Service, Depends(service)]
 _bearer = HTTPBearer(auto_error=False, description="a user token, or a worker token of one study")
 
 
-def principal(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)], svc: Svc) -> TokenInfo:
-    """The caller's grant, from the Authorization header only (a token in a URL would end up in logs)."""
+async def principal(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+                    svc: Svc) -> TokenInfo:
+    """The caller's grant, from the Authorization header only (a token in a URL would end up in logs).
+
+    Every request needs one, so a grant verified within GRANT_CACHE_SECONDS is reused without a storage
+    read; only a miss goes to the thread pool."""
     if credentials is None:
         raise HTTPException(HTTPStatus.UNAUTHORIZED, "missing bearer token",
                             headers={"WWW-Authenticate": "Bearer"})
-    info = svc.storage.verify_token(credentials.credentials)
+    secret = credentials.credentials
+    info = svc.grants.get(secret)
     if info is None:
+        info = await run_in_threadpool(svc.storage.verify_token, secret)
+        if info is not None:
+            svc.grants.put(secret, info)
+    if info is None or (info.expires_at is not None and info.expires_at <= time.time()):
         raise HTTPException(HTTPStatus.UNAUTHORIZED, "invalid or expired token",
                             headers={"WWW-Authenticate": "Bearer"})
     return info
@@ -183,7 +257,7 @@ def principal(credentials: Annotated[HTTPAuthorizationCredentials | None, Depend
 Principal = Annotated[TokenInfo, Depends(principal)]
 
 
-def user(who: Principal) -> TokenInfo:
+async def user(who: Principal) -> TokenInfo:
     """Calls only users make: worker tokens are refused with 403."""
     if who.study_id is not None:
         raise HTTPException(HTTPStatus.FORBIDDEN, "a worker token cannot make this call")
@@ -249,10 +323,10 @@ def best_point(study_id: int, who: Principal, svc: Svc) -> dict:
 def ask(study_id: int, body: AskBody, who: Principal, svc: Svc) -> dict:
     """Lease a point, or say when to come back; never waits for steering, which it only nudges."""
     started = time.perf_counter()
-    study = svc.study(who, study_id)
-    lease = svc.storage.lease(study_id, body.worker_id) if study.state == StudyState.RUNNING else None
+    task = svc.task(who, study_id)
+    lease = svc.storage.lease(study_id, body.worker_id)
     if lease is not None:
-        answer = {"status": "leased", "lease": svc.lease_json(lease, study)}
+        answer = {"status": "leased", "lease": svc.lease_json(lease, task)}
     elif svc.storage.get_study(study_id).state != StudyState.RUNNING:
         answer = {"status": "finished"}
     else:
@@ -265,16 +339,16 @@ def ask(study_id: int, body: AskBody, who: Principal, svc: Svc) -> dict:
 
 @router.post("/studies/{study_id}/points/{point_id}/heartbeat")
 def heartbeat(study_id: int, point_id: int, body: LeaseBody, who: Principal, svc: Svc) -> dict:
-    svc.point(who, study_id, point_id)
-    lease = svc.storage.heartbeat(point_id, body.lease_token)
+    svc.task(who, study_id)
+    lease = svc.storage.heartbeat(point_id, body.lease_token, study_id=study_id)
     return {"expires_at": lease.expires_at, "stop": lease.stop}
 
 
 @router.post("/studies/{study_id}/points/{point_id}/report")
 def report(study_id: int, point_id: int, body: ReportBody, who: Principal, svc: Svc) -> dict:
-    study, _ = svc.point(who, study_id, point_id)
-    svc.storage.report(point_id, body.lease_token, body.step, body.value)
-    prune = svc.stopping.decide(study, point_id, body.step, body.value)
+    task = svc.task(who, study_id)
+    svc.storage.report(point_id, body.lease_token, body.step, body.value, study_id=study_id)
+    prune = svc.stopping.decide(study_id, task, point_id, body.step, body.value)
     svc.metrics.count("hepopt_reports_total")
     if prune:
         svc.metrics.count("hepopt_prunes_total")
@@ -284,9 +358,9 @@ def report(study_id: int, point_id: int, body: ReportBody, who: Principal, svc: 
 @router.post("/studies/{study_id}/points/{point_id}/tell")
 def tell(study_id: int, point_id: int, body: TellBody, who: Principal, svc: Svc) -> dict:
     """Finish the point; the same request id again returns the same point without a second effect."""
-    svc.point(who, study_id, point_id)
+    svc.task(who, study_id)
     result = svc.storage.finish(point_id, body.lease_token, PointState(body.status), body.loss,
-                                request_id=body.request_id, message=body.message)
+                                request_id=body.request_id, message=body.message, study_id=study_id)
     if not result.replayed:
         svc.metrics.count("hepopt_tells_total", "status", body.status)
         svc.scheduler.poke(study_id)
@@ -295,8 +369,8 @@ def tell(study_id: int, point_id: int, body: TellBody, who: Principal, svc: Svc)
 
 @router.post("/studies/{study_id}/points/{point_id}/release")
 def release(study_id: int, point_id: int, body: LeaseBody, who: Principal, svc: Svc) -> dict:
-    svc.point(who, study_id, point_id)
-    point = svc.storage.release(point_id, body.lease_token)
+    svc.task(who, study_id)
+    point = svc.storage.release(point_id, body.lease_token, study_id=study_id)
     svc.scheduler.poke(study_id)
     return point_json(point)
 

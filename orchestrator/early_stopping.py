@@ -9,7 +9,8 @@ from __future__ import annotations
 import threading
 import time
 
-from orchestrator.storage.base import Storage, StudyRecord
+from hepopt.task import Task
+from orchestrator.storage.base import Storage
 from steering_container.stopping import NoStopping, make_policy
 
 Curves = dict[int, dict[int, float]]
@@ -24,13 +25,13 @@ class StoppingDecider:
         self._lock = threading.Lock()
         self._cache: dict[int, tuple[float, Curves]] = {}
 
-    def decide(self, study: StudyRecord, point_id: int, step: int, value: float) -> bool:
-        """Record the value (already stored) and ask the policy about it."""
-        policy = make_policy(study.task.hepopt.earlyStopping, study.direction)
+    def decide(self, study_id: int, task: Task, point_id: int, step: int, value: float) -> bool:
+        """Record the value (already stored) and ask the study's policy about it."""
+        policy = make_policy(task.hepopt.earlyStopping, task.hepopt.direction)
         if isinstance(policy, NoStopping):
             return False
         with self._lock:
-            curves = self._curves(study.id)
+            curves = self._curves(study_id)
             curves.setdefault(point_id, {})[step] = value
             others = [curve for pid, curve in curves.items() if pid != point_id]
             return policy.should_prune(step, value, others)

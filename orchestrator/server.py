@@ -24,12 +24,15 @@ LOG_LEVEL = "warning"
 
 
 def run_server(settings: Settings, host: str, port: int, tls_cert: str | None = None,
-               tls_key: str | None = None, log_level: str = "info") -> None:
-    """Serve until interrupted (SIGINT/SIGTERM stop it cleanly, the scheduler with it)."""
+               tls_key: str | None = None, log_level: str = "info", access_log: bool = False) -> None:
+    """Serve until interrupted (SIGINT/SIGTERM stop it cleanly, the scheduler with it).
+
+    The access log is off unless asked for: one line per report request is most of the log and costs
+    CPU that the request path needs."""
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("give both tls_cert and tls_key, or neither")
     uvicorn.run(create_app(settings), host=host, port=port, ssl_certfile=tls_cert, ssl_keyfile=tls_key,
-                log_level=log_level, proxy_headers=False)
+                log_level=log_level, access_log=access_log, proxy_headers=False)
 
 
 class EmbeddedServer:

@@ -148,7 +148,8 @@ class Lease:
 
     ``attempt`` counts earlier leases of this point that expired: above 0, look for a checkpoint.
     ``stop`` is True when the study is no longer running (cancelled, completed): the worker should
-    finish or release the point soon.
+    finish or release the point soon. ``has_checkpoint`` (set by ``lease``) says a checkpoint of the
+    point is stored, so the worker resumes from it.
     """
 
     point_id: int
@@ -160,6 +161,7 @@ class Lease:
     lease_token: str
     expires_at: float
     stop: bool = False
+    has_checkpoint: bool = False
 
 
 @dataclass(frozen=True)
@@ -291,21 +293,25 @@ class Storage(abc.ABC):
         evaluation job; None when the study is not running, nothing is NEW, or maxEvaluationJobs is
         used up. Concurrent callers never receive the same point."""
 
+    # The lease operations below take an optional ``study_id``: a point of another study then raises
+    # NotFoundError (as get_point does), so a request's ownership check costs no transaction of its own.
     @abc.abstractmethod
-    def heartbeat(self, point_id: int, lease_token: str, now: float | None = None) -> Lease:
+    def heartbeat(self, point_id: int, lease_token: str, now: float | None = None, *,
+                  study_id: int | None = None) -> Lease:
         """Extend the lease to ``now + leaseSeconds``; StaleLeaseError when the token is not current.
 
         A lease past its expiry that the reaper has not taken yet is still honoured."""
 
     @abc.abstractmethod
-    def report(self, point_id: int, lease_token: str, step: int, value: float, now: float | None = None) -> None:
+    def report(self, point_id: int, lease_token: str, step: int, value: float, now: float | None = None, *,
+               study_id: int | None = None) -> None:
         """Record an intermediate value; one value per (point, step), a resend replaces it so a resumed
         attempt's curve wins. StaleLeaseError when the token is not current."""
 
     @abc.abstractmethod
     def finish(self, point_id: int, lease_token: str, status: PointState, loss: float | None = None, *,
-               request_id: str | None = None, message: str | None = None,
-               now: float | None = None) -> FinishResult:
+               request_id: str | None = None, message: str | None = None, now: float | None = None,
+               study_id: int | None = None) -> FinishResult:
         """End the lease with DONE (finite loss required), PRUNED (loss optional) or FAILED (any loss
         given is replaced by the task's failedLoss, or None, so failures look alike whoever detected
         them). The same ``request_id`` again returns the same answer without change, even with other
@@ -314,7 +320,8 @@ class Storage(abc.ABC):
         running) becomes COMPLETED."""
 
     @abc.abstractmethod
-    def release(self, point_id: int, lease_token: str, now: float | None = None) -> PointRecord:
+    def release(self, point_id: int, lease_token: str, now: float | None = None, *,
+                study_id: int | None = None) -> PointRecord:
         """The worker gives the point back unfinished (walltime, SIGTERM): NEW again, same attempt."""
 
     @abc.abstractmethod

@@ -8,10 +8,14 @@ Concurrency rules, the reason this module exists:
   additionally queue on one lock per database file, and other processes wait on ``busy_timeout``; a
   busy error that still escapes is retried with the whole transaction.
 * PostgreSQL locks rows: every write locks the study row first, then point rows, always in that order
-  (no deadlocks); ``lease`` picks its point with ``FOR UPDATE SKIP LOCKED``.
+  (no deadlocks); ``lease`` picks its point with ``SKIP LOCKED``. The locks are ``FOR NO KEY UPDATE``
+  (no key ever changes), so the foreign-key checks of inserts (``KEY SHARE``) never wait on them;
+  ``report`` only share-locks its point, so reports of different points never queue on the study row.
 * A partial unique index allows one open lease per point, so the database itself refuses a double lease.
 * With ``now=None`` the clock is read inside the transaction, after its locks, so stored times follow
   commit order (a lease never starts before the release that freed its point).
+* The hot paths of the worker protocol (``verify_token``, ``lease``, ``report``) are SQLAlchemy Core
+  statements on a connection: an ORM unit of work costs several times the SQL it runs.
 
 Opening a storage runs the Alembic migrations up to head under a lock, so several processes may open
 the same database at once.
@@ -38,7 +42,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, func, select, text
+from sqlalchemy import Connection, Engine, Table, create_engine, event, func, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -84,9 +89,10 @@ SQLITE_BUSY_TIMEOUT_S = 60.0
 #: Whole-transaction retries for busy (SQLite) or deadlock/serialization (PostgreSQL) errors.
 MAX_TRANSACTION_ATTEMPTS = 8
 RETRY_BASE_DELAY_S = 0.02
-#: Connections per engine: many worker threads read while one writes.
-POOL_SIZE = 10
-POOL_MAX_OVERFLOW = 54
+#: Connections kept per engine: at least the server's request threads (anyio's default limiter is 40),
+#: so a busy server never closes and reopens connections (and reruns their setup) per request.
+POOL_SIZE = 48
+POOL_MAX_OVERFLOW = 16
 #: Parsed tasks kept in memory (by their stored JSON text).
 TASK_CACHE_SIZE = 1024
 #: Key of the PostgreSQL advisory lock that serialises migrations ("hepo" in ASCII).
@@ -103,6 +109,15 @@ RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
 
 _SQLITE_WRITE_LOCKS: dict[str, threading.RLock] = {}
 _SQLITE_WRITE_LOCKS_GUARD = threading.Lock()
+
+STUDIES: Table = StudyRow.__table__  # type: ignore[assignment]
+POINTS: Table = PointRow.__table__  # type: ignore[assignment]
+LEASES: Table = LeaseRow.__table__  # type: ignore[assignment]
+INTERMEDIATE: Table = IntermediateRow.__table__  # type: ignore[assignment]
+CHECKPOINTS: Table = CheckpointRow.__table__  # type: ignore[assignment]
+TOKENS: Table = TokenRow.__table__  # type: ignore[assignment]
+#: Row locks of writers: exclusive among writers, but compatible with foreign-key checks (KEY SHARE).
+NO_KEY_UPDATE: dict[str, Any] = {"key_share": True}
 
 
 @functools.cache
@@ -167,16 +182,28 @@ class SQLStorage(Storage):
         return self._write_lock if write and self._write_lock is not None else nullcontext()
 
     def _run(self, work: Callable[[Session], T], write: bool = True) -> T:
-        """Run ``work`` in one transaction, retrying it whole on transient lock errors."""
-        for attempt in range(MAX_TRANSACTION_ATTEMPTS):
-            try:
-                with self._writer(write), self._session(write) as session:
-                    return work(session)
-            except OperationalError as exc:
-                if attempt + 1 == MAX_TRANSACTION_ATTEMPTS or not _retryable(exc):
-                    raise
-            time.sleep(RETRY_BASE_DELAY_S * (2 ** attempt) * (1 + random.random()))
-        raise AssertionError("unreachable")
+        """Run ``work`` in one ORM session transaction, retrying it whole on transient lock errors."""
+        def once() -> T:
+            with self._writer(write), self._session(write) as session:
+                return work(session)
+
+        return _retrying(once)
+
+    def _run_core(self, work: Callable[[Connection], T], write: bool = True) -> T:
+        """As :meth:`_run`, for Core statements on a bare connection (the hot paths)."""
+        def once() -> T:
+            with self._writer(write), self._connection(write) as conn:
+                return work(conn)
+
+        return _retrying(once)
+
+    @contextmanager
+    def _connection(self, write: bool) -> Iterator[Connection]:
+        """A connection inside a transaction that has begun (SQLite holds its write lock, if ``write``)."""
+        with self.engine.connect() as conn:
+            conn.execution_options(**{WRITE_OPTION: write})
+            with conn.begin():
+                yield conn
 
     @contextmanager
     def _session(self, write: bool) -> Iterator[Session]:
@@ -203,14 +230,13 @@ class SQLStorage(Storage):
         return secret
 
     def verify_token(self, secret: str, now: float | None = None) -> TokenInfo | None:
-        def work(s: Session) -> TokenInfo | None:
-            at = clock(now)
-            row = s.scalars(select(TokenRow).where(TokenRow.token_hash == hash_secret(secret))).first()
-            if row is None or (row.expires_at is not None and row.expires_at <= at):
+        def work(conn: Connection) -> TokenInfo | None:
+            info = _token_info(conn, hash_secret(secret))
+            if info is None or (info.expires_at is not None and info.expires_at <= clock(now)):
                 return None
-            return TokenInfo(row.id, row.user, row.study_id, row.created_at, row.expires_at)
+            return info
 
-        return self._run(work, write=False)
+        return self._run_core(work, write=False)
 
     def revoke_token(self, secret: str) -> bool:
         def work(s: Session) -> bool:
@@ -351,33 +377,12 @@ class SQLStorage(Storage):
 
     def lease(self, study_id: int, worker_id: str, now: float | None = None) -> Lease | None:
         _bounded(worker_id, NAME_LENGTH, "worker id")
+        return self._run_core(lambda conn: _lease_next(conn, study_id, worker_id, now))
 
-        def work(s: Session) -> Lease | None:
-            study = _study(s, study_id)
-            at = clock(now)
-            if study.state != StudyState.RUNNING or study.evaluation_jobs >= study.max_evaluation_jobs:
-                return None
-            point = s.scalars(
-                select(PointRow)
-                .where(PointRow.study_id == study_id, PointRow.state == PointState.NEW)
-                .order_by(PointRow.number).limit(1).with_for_update(skip_locked=True)).first()
-            if point is None:
-                return None
-            token = secrets.token_hex(LEASE_TOKEN_BYTES)
-            expires = at + study.lease_seconds
-            point.state, point.worker_id, point.lease_token = PointState.RUNNING, worker_id, token
-            point.lease_expires_at, point.updated_at = expires, at
-            study.evaluation_jobs += 1
-            study.updated_at = at
-            s.add(LeaseRow(point_id=point.id, study_id=study_id, worker_id=worker_id, lease_token=token,
-                           attempt=point.attempt, started_at=at, expires_at=expires))
-            return _lease(point, study)
-
-        return self._run(work)
-
-    def heartbeat(self, point_id: int, lease_token: str, now: float | None = None) -> Lease:
+    def heartbeat(self, point_id: int, lease_token: str, now: float | None = None, *,
+                  study_id: int | None = None) -> Lease:
         def work(s: Session) -> Lease:
-            study, point = _leased_point(s, point_id, lease_token)
+            study, point = _leased_point(s, point_id, lease_token, study_id)
             at = clock(now)
             point.lease_expires_at = at + study.lease_seconds
             point.updated_at = at
@@ -386,27 +391,23 @@ class SQLStorage(Storage):
 
         return self._run(work)
 
-    def report(self, point_id: int, lease_token: str, step: int, value: float, now: float | None = None) -> None:
+    def report(self, point_id: int, lease_token: str, step: int, value: float, now: float | None = None, *,
+               study_id: int | None = None) -> None:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise InvalidValueError(f"step must be an integer >= 0, got {step!r}")
         value = _finite(value, "intermediate value")
 
-        def work(s: Session) -> None:
-            _, point = _leased_point(s, point_id, lease_token)
+        def work(conn: Connection) -> None:
+            point_study = _current_lease_study(conn, point_id, lease_token, study_id)
             at = clock(now)
-            row = s.scalars(select(IntermediateRow)
-                            .where(IntermediateRow.point_id == point_id, IntermediateRow.step == step)).first()
-            if row is None:
-                s.add(IntermediateRow(point_id=point_id, study_id=point.study_id, step=step, value=value,
-                                      updated_at=at))
-            else:
-                row.value, row.updated_at = value, at
+            conn.execute(_upsert_intermediate(self.dialect), {"point_id": point_id, "study_id": point_study,
+                                                              "step": step, "value": value, "updated_at": at})
 
-        self._run(work)
+        self._run_core(work)
 
     def finish(self, point_id: int, lease_token: str, status: PointState, loss: float | None = None, *,
-               request_id: str | None = None, message: str | None = None,
-               now: float | None = None) -> FinishResult:
+               request_id: str | None = None, message: str | None = None, now: float | None = None,
+               study_id: int | None = None) -> FinishResult:
         status = _final_status(status)
         _bounded(request_id, REQUEST_ID_LENGTH, "request id")
         if status == PointState.DONE:
@@ -415,7 +416,7 @@ class SQLStorage(Storage):
             loss = _finite(loss, "loss of a pruned point")
 
         def work(s: Session) -> FinishResult:
-            study = _study(s, _study_id_of(s, point_id))
+            study = _study(s, _study_id_of(s, point_id, study_id))
             point = _locked_point(s, point_id)
             at = clock(now)
             if request_id is not None:
@@ -434,9 +435,10 @@ class SQLStorage(Storage):
 
         return self._run(work)
 
-    def release(self, point_id: int, lease_token: str, now: float | None = None) -> PointRecord:
+    def release(self, point_id: int, lease_token: str, now: float | None = None, *,
+                study_id: int | None = None) -> PointRecord:
         def work(s: Session) -> PointRecord:
-            study, point = _leased_point(s, point_id, lease_token)
+            study, point = _leased_point(s, point_id, lease_token, study_id)
             at = clock(now)
             _end_lease(s, point, "released", at)
             point.state = PointState.NEW
@@ -454,7 +456,7 @@ class SQLStorage(Storage):
             for study_id in study_ids:
                 study = _study(s, study_id)
                 query = select(PointRow).where(PointRow.study_id == study_id, *expired).order_by(PointRow.id)
-                for point in s.scalars(query.with_for_update()).all():
+                for point in s.scalars(query.with_for_update(**NO_KEY_UPDATE)).all():
                     _expire(s, study, point, at)
                     reaped += 1
                 _settle(s, study, at)
@@ -580,41 +582,59 @@ def _retryable(exc: OperationalError) -> bool:
     return "database is locked" in message or "database is busy" in message
 
 
+def _retrying(once: Callable[[], T]) -> T:
+    """Run one whole transaction, again (with jittered backoff) on transient lock errors."""
+    for attempt in range(MAX_TRANSACTION_ATTEMPTS):
+        try:
+            return once()
+        except OperationalError as exc:
+            if attempt + 1 == MAX_TRANSACTION_ATTEMPTS or not _retryable(exc):
+                raise
+        time.sleep(RETRY_BASE_DELAY_S * (2 ** attempt) * (1 + random.random()))
+    raise AssertionError("unreachable")
+
+
 # -- row helpers (inside a transaction) --------------------------------------------------------
 def _study(s: Session, study_id: int, owner: str | None = None, lock: bool = True) -> StudyRow:
     """The study row, locked for update unless ``lock`` is False; a foreign owner looks like no study."""
-    row = s.get(StudyRow, study_id, with_for_update=lock or None)
+    row = s.get(StudyRow, study_id, with_for_update=NO_KEY_UPDATE if lock else None)
     if row is None or (owner is not None and row.owner != owner):
         raise NotFoundError(f"study {study_id} not found")
     return row
 
 
-def _study_id_of(s: Session, point_id: int) -> int:
-    study_id = s.scalar(select(PointRow.study_id).where(PointRow.id == point_id))
-    if study_id is None:
+def _study_id_of(s: Session | Connection, point_id: int, expected: int | None = None) -> int:
+    """The point's study; with ``expected``, a point of another study looks like no point."""
+    study_id = s.scalar(select(POINTS.c.study_id).where(POINTS.c.id == point_id))
+    if study_id is None or (expected is not None and study_id != expected):
         raise NotFoundError(f"point {point_id} not found")
     return study_id
 
 
 def _locked_point(s: Session, point_id: int) -> PointRow:
-    row = s.get(PointRow, point_id, with_for_update=True, populate_existing=True)
+    row = s.get(PointRow, point_id, with_for_update=NO_KEY_UPDATE, populate_existing=True)
     if row is None:
         raise NotFoundError(f"point {point_id} not found")
     return row
 
 
-def _leased_point(s: Session, point_id: int, lease_token: str) -> tuple[StudyRow, PointRow]:
+def _leased_point(s: Session, point_id: int, lease_token: str,
+                  study_id: int | None = None) -> tuple[StudyRow, PointRow]:
     """Study and point, locked in that order, after checking the lease token is current."""
-    study = _study(s, _study_id_of(s, point_id))
+    study = _study(s, _study_id_of(s, point_id, study_id))
     point = _locked_point(s, point_id)
     _check_lease(point, lease_token)
     return study, point
 
 
 def _check_lease(point: PointRow, lease_token: str) -> None:
-    current = point.lease_token
-    if point.state != PointState.RUNNING or current is None or not hmac.compare_digest(current, lease_token):
-        raise StaleLeaseError(f"lease of point {point.id} is no longer valid (the point is {point.state}); "
+    _check_token(point.id, point.state, point.lease_token, lease_token)
+
+
+def _check_token(point_id: int, state: str, current: str | None, lease_token: str) -> None:
+    """StaleLeaseError unless the point is RUNNING under ``lease_token`` (compared in constant time)."""
+    if state != PointState.RUNNING or current is None or not hmac.compare_digest(current, lease_token):
+        raise StaleLeaseError(f"lease of point {point_id} is no longer valid (the point is {state}); "
                               "drop the point")
 
 
@@ -643,8 +663,9 @@ def _expire(s: Session, study: StudyRow, point: PointRow, at: float) -> None:
 
 def _settle(s: Session, study: StudyRow, at: float) -> None:
     """Mark a running study COMPLETED once nothing can change any more."""
-    if study.state != StudyState.RUNNING:
-        return
+    exhausted = study.n_points >= study.max_points or study.evaluation_jobs >= study.max_evaluation_jobs
+    if study.state != StudyState.RUNNING or not exhausted:
+        return  # neither rule below can hold: skip counting the study's points
     s.flush()
     counts = _state_counts(s, study.id)
     open_points = counts["new"] + counts["running"]
@@ -666,6 +687,65 @@ def _state_counts(s: Session, study_id: int) -> dict[str, int]:
     for state, n in rows:
         counts[state] = n
     return counts
+
+
+# -- Core hot paths (inside a transaction) -----------------------------------------------------
+def _token_info(conn: Connection, token_hash: str) -> TokenInfo | None:
+    t = TOKENS.c
+    row = conn.execute(select(t.id, t.user, t.study_id, t.created_at, t.expires_at)
+                       .where(t.token_hash == token_hash)).first()
+    return None if row is None else TokenInfo(*row)
+
+
+def _lease_next(conn: Connection, study_id: int, worker_id: str, now: float | None) -> Lease | None:
+    """Lease the oldest NEW point: lock the study, skip points another leaser has locked, count the job."""
+    st, pt = STUDIES.c, POINTS.c
+    study = conn.execute(select(st.state, st.evaluation_jobs, st.max_evaluation_jobs, st.lease_seconds)
+                         .where(st.id == study_id).with_for_update(**NO_KEY_UPDATE)).first()
+    if study is None:
+        raise NotFoundError(f"study {study_id} not found")
+    at = clock(now)
+    if study.state != StudyState.RUNNING or study.evaluation_jobs >= study.max_evaluation_jobs:
+        return None
+    point = conn.execute(select(pt.id, pt.number, pt.params_json, pt.attempt)
+                         .where(pt.study_id == study_id, pt.state == PointState.NEW.value)
+                         .order_by(pt.number).limit(1).with_for_update(skip_locked=True, **NO_KEY_UPDATE)).first()
+    if point is None:
+        return None
+    token = secrets.token_hex(LEASE_TOKEN_BYTES)
+    expires = at + study.lease_seconds
+    conn.execute(update(POINTS).where(pt.id == point.id)
+                 .values(state=PointState.RUNNING.value, worker_id=worker_id, lease_token=token,
+                         lease_expires_at=expires, updated_at=at))
+    conn.execute(update(STUDIES).where(st.id == study_id)
+                 .values(evaluation_jobs=st.evaluation_jobs + 1, updated_at=at))
+    conn.execute(insert(LEASES).values(point_id=point.id, study_id=study_id, worker_id=worker_id, lease_token=token,
+                                       attempt=point.attempt, started_at=at, expires_at=expires))
+    has_checkpoint = conn.scalar(select(CHECKPOINTS.c.point_id).where(CHECKPOINTS.c.point_id == point.id))
+    return Lease(point_id=point.id, study_id=study_id, number=point.number, params=json.loads(point.params_json),
+                 attempt=point.attempt, worker_id=worker_id, lease_token=token, expires_at=expires,
+                 has_checkpoint=has_checkpoint is not None)
+
+
+def _current_lease_study(conn: Connection, point_id: int, lease_token: str, study_id: int | None) -> int:
+    """The study of a point leased under ``lease_token``. The point row is share-locked (PostgreSQL), so
+    a concurrent finish/release waits for this transaction or is seen by it, never half."""
+    pt = POINTS.c
+    row = conn.execute(select(pt.study_id, pt.state, pt.lease_token).where(pt.id == point_id)
+                       .with_for_update(read=True)).first()
+    if row is None or (study_id is not None and row.study_id != study_id):
+        raise NotFoundError(f"point {point_id} not found")
+    _check_token(point_id, row.state, row.lease_token, lease_token)
+    return row.study_id
+
+
+@functools.cache
+def _upsert_intermediate(dialect: str) -> Any:
+    """INSERT ... ON CONFLICT (point_id, step) DO UPDATE: a resent step replaces its value in one statement."""
+    statement = (sqlite.insert(INTERMEDIATE) if dialect == "sqlite" else postgresql.insert(INTERMEDIATE))
+    excluded = statement.excluded
+    return statement.on_conflict_do_update(index_elements=[INTERMEDIATE.c.point_id, INTERMEDIATE.c.step],
+                                           set_={"value": excluded.value, "updated_at": excluded.updated_at})
 
 
 # -- conversions ------------------------------------------------------------------------------

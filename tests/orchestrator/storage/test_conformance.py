@@ -88,6 +88,37 @@ def test_point_records_keep_params_and_origin(storage: SQLStorage, make_task: Ma
     assert storage.list_points(study.id, PointState.DONE) == []
 
 
+def test_lease_calls_with_study_id_refuse_points_of_other_studies(storage: SQLStorage, make_task: MakeTask,
+                                                                  points: Points) -> None:
+    study = storage.create_study("alice", make_task(maxPoints=2), now=T0)
+    other = storage.create_study("alice", make_task(maxPoints=1), now=T0)
+    storage.add_points(study.id, points(2), now=T0)
+    lease = storage.lease(study.id, "w", now=T0)
+    assert lease is not None and not lease.has_checkpoint
+    calls: list[Callable[[int], Any]] = [
+        lambda sid: storage.heartbeat(lease.point_id, lease.lease_token, now=T0 + 1, study_id=sid),
+        lambda sid: storage.report(lease.point_id, lease.lease_token, 0, 0.5, now=T0 + 1, study_id=sid),
+        lambda sid: storage.release(lease.point_id, lease.lease_token, now=T0 + 1, study_id=sid),
+        lambda sid: storage.finish(lease.point_id, lease.lease_token, "done", 0.5, now=T0 + 1, study_id=sid),
+    ]
+    for call in calls:
+        with pytest.raises(NotFoundError):
+            call(other.id)
+    assert storage.intermediate_values(study.id) == {}
+    assert storage.heartbeat(lease.point_id, lease.lease_token, now=T0 + 2, study_id=study.id).expires_at > T0 + 2
+    storage.report(lease.point_id, lease.lease_token, 0, 0.5, now=T0 + 2, study_id=study.id)
+    storage.report(lease.point_id, lease.lease_token, 0, 0.25, now=T0 + 3, study_id=study.id)
+    assert storage.intermediate_values(study.id) == {lease.point_id: {0: 0.25}}
+    storage.put_checkpoint_meta(lease.point_id, "ckpt/a.tar", "a" * 64, 1, now=T0 + 3)
+    assert storage.release(lease.point_id, lease.lease_token, now=T0 + 4, study_id=study.id).state == PointState.NEW
+    again = storage.lease(study.id, "w", now=T0 + 5)
+    assert again is not None and again.point_id == lease.point_id and again.has_checkpoint
+    with pytest.raises(StaleLeaseError):
+        storage.report(lease.point_id, lease.lease_token, 1, 0.1, now=T0 + 5, study_id=study.id)
+    result = storage.finish(again.point_id, again.lease_token, "done", 0.1, now=T0 + 6, study_id=study.id)
+    assert result.point.state == PointState.DONE
+
+
 # -- budget ------------------------------------------------------------------------------------
 def test_add_points_never_exceeds_max_points(storage: SQLStorage, make_task: MakeTask, points: Points) -> None:
     study = storage.create_study("alice", make_task(maxPoints=3), now=T0)
