@@ -23,6 +23,7 @@ cycles/s (requests/s divided by the REQUESTS_PER_CYCLE requests of a cycle).
     python benchmarks/orchestrator_throughput.py --db postgres        # a private PostgreSQL cluster (initdb)
     python benchmarks/orchestrator_throughput.py --db postgresql://me@dbhost/postgres
     python benchmarks/orchestrator_throughput.py --concurrency 32 --preload 0 --seconds 5 --ceiling
+    python benchmarks/orchestrator_throughput.py --workers 2                 # two server processes
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ REQUESTS_PER_CYCLE = REPORTS_PER_CYCLE + 2
 PRELOAD_POINTS = 10_000
 CONCURRENCY = (1, 8, 32)
 DEFAULT_SECONDS = 10.0
+#: Server processes. One: on a 2-core machine shared with the clients, a second process splits the
+#: report batches and hands the SQLite write lock across processes, costing more CPU than it frees.
+DEFAULT_SERVER_WORKERS = 1
 TARGET_RATIO = 10.0
 TARGET_P99_MS = 50.0
 TARGET_CONCURRENCY = 32
@@ -111,12 +115,18 @@ class Tally:
 
 
 def process_cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU time of a process (this one by default), from /proc on Linux."""
+    """User + system CPU time of a process (this one by default) and of its live children (the
+    processes of ``hepopt serve --workers N``), from /proc on Linux."""
     if pid is None:
         times = os.times()
         return times.user + times.system
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if stat.parent.name == str(pid) or fields[1] == str(pid):
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def run_threads(concurrency: int, seconds: float, cycle_loop: Callable[[int, float, Tally], None],
@@ -198,11 +208,11 @@ def preload_hepopt(storage: Any, study_id: int, n: int) -> None:
 
 
 @contextlib.contextmanager
-def hepopt_server(url: str, data_dir: Path, log_path: Path) -> Iterator[tuple[str, int]]:
-    """``hepopt serve`` as a subprocess on a free loopback port; yields its URL and process id."""
+def hepopt_server(url: str, data_dir: Path, log_path: Path, workers: int = 1) -> Iterator[tuple[str, int]]:
+    """``hepopt serve --workers N`` as a subprocess on a free loopback port; yields its URL and process id."""
     port = free_port()
     argv = [sys.executable, "-m", "hepopt", "serve", "--db", url, "--port", str(port), "--data-dir", str(data_dir),
-            "--log-level", "warning"]
+            "--log-level", "warning", "--workers", str(workers)]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -229,12 +239,13 @@ def _healthy(base: str) -> bool:
 
 
 def bench_hepopt(url: str, workdir: Path, concurrency: int, preload: int, seconds: float,
-                 ceiling: bool = False) -> tuple[Result, Result | None]:
+                 ceiling: bool = False, workers: int = 1) -> tuple[Result, Result | None]:
     """The cycles against a fresh server, and (with ``ceiling``) the /health rate on that same server."""
     from hepopt.client import Client
 
     study_id, token = prepare_hepopt(url, concurrency, preload)
-    with hepopt_server(url, workdir / "data", workdir / "serve.log") as (base, pid), Client(base, token) as owner:
+    with (hepopt_server(url, workdir / "data", workdir / "serve.log", workers) as (base, pid),
+          Client(base, token) as owner):
         worker_token = owner.create_worker_token(study_id)
         _wait_for_points(owner, study_id, preload + concurrency)
 
@@ -532,11 +543,14 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=DEFAULT_SECONDS, help="measurement time per run")
     parser.add_argument("--ceiling", action="store_true",
                         help="also measure GET /health with the same clients on the same server")
+    parser.add_argument("--workers", type=int, default=DEFAULT_SERVER_WORKERS,
+                        help=f"server processes of hepopt serve (default: {DEFAULT_SERVER_WORKERS})")
     parser.add_argument("--preload", type=int, nargs="+", default=[0, PRELOAD_POINTS],
                         help="finished points already in the study (default: 0 and 10000)")
     args = parser.parse_args()
     print(describe_machine())
-    print(f"cycle = ask + {REPORTS_PER_CYCLE} reports + tell; {args.seconds:g} s per run\n")
+    print(f"cycle = ask + {REPORTS_PER_CYCLE} reports + tell; {args.seconds:g} s per run; "
+          f"hepopt serve --workers {args.workers}\n")
     print(HEADER)
     print("-" * len(HEADER))
     workdir = Path(tempfile.mkdtemp(prefix="hepopt-bench-"))
@@ -548,7 +562,7 @@ def main() -> int:
                     run_dir = workdir / f"hepopt-{preload}-{concurrency}"
                     run_dir.mkdir()
                     hep, ceiling = bench_hepopt(dbs.fresh("hepopt"), run_dir, concurrency, preload, args.seconds,
-                                                args.ceiling)
+                                                args.ceiling, args.workers)
                     opt = bench_optuna(dbs.fresh("optuna"), concurrency, preload, args.seconds)
                     print(row(dbs.kind, preload, concurrency, hep, opt), flush=True)
                     if ceiling is not None:

@@ -4,7 +4,8 @@ Every rule that protects the budget lives in storage; this module authenticates,
 format, and translates storage errors into HTTP answers in one place (:func:`install_error_handlers`).
 Handlers are plain functions (FastAPI runs them in its thread pool) because storage calls block;
 dependencies that do no I/O are ``async`` so that a request costs one hop to the thread pool, not one
-per dependency.
+per dependency. The worker routes (``ask``, ``report``, ``tell``: nearly every request) return their
+JSON as a response, which skips FastAPI's validation and re-encoding of an answer built right here.
 """
 
 from __future__ import annotations
@@ -320,7 +321,7 @@ def best_point(study_id: int, who: Principal, svc: Svc) -> dict:
 
 
 @router.post("/studies/{study_id}/ask")
-def ask(study_id: int, body: AskBody, who: Principal, svc: Svc) -> dict:
+def ask(study_id: int, body: AskBody, who: Principal, svc: Svc) -> JSONResponse:
     """Lease a point, or say when to come back; never waits for steering, which it only nudges."""
     started = time.perf_counter()
     task = svc.task(who, study_id)
@@ -334,7 +335,7 @@ def ask(study_id: int, body: AskBody, who: Principal, svc: Svc) -> dict:
         answer = {"status": "wait", "retry_after": svc.settings.retry_after}
     svc.metrics.count("hepopt_asks_total", "result", answer["status"])
     svc.metrics.observe_ask(time.perf_counter() - started)
-    return answer
+    return JSONResponse(answer)
 
 
 @router.post("/studies/{study_id}/points/{point_id}/heartbeat")
@@ -345,18 +346,18 @@ def heartbeat(study_id: int, point_id: int, body: LeaseBody, who: Principal, svc
 
 
 @router.post("/studies/{study_id}/points/{point_id}/report")
-def report(study_id: int, point_id: int, body: ReportBody, who: Principal, svc: Svc) -> dict:
+def report(study_id: int, point_id: int, body: ReportBody, who: Principal, svc: Svc) -> JSONResponse:
     task = svc.task(who, study_id)
     svc.storage.report(point_id, body.lease_token, body.step, body.value, study_id=study_id)
     prune = svc.stopping.decide(study_id, task, point_id, body.step, body.value)
     svc.metrics.count("hepopt_reports_total")
     if prune:
         svc.metrics.count("hepopt_prunes_total")
-    return {"prune": prune}
+    return JSONResponse({"prune": prune})
 
 
 @router.post("/studies/{study_id}/points/{point_id}/tell")
-def tell(study_id: int, point_id: int, body: TellBody, who: Principal, svc: Svc) -> dict:
+def tell(study_id: int, point_id: int, body: TellBody, who: Principal, svc: Svc) -> JSONResponse:
     """Finish the point; the same request id again returns the same point without a second effect."""
     svc.task(who, study_id)
     result = svc.storage.finish(point_id, body.lease_token, PointState(body.status), body.loss,
@@ -364,7 +365,7 @@ def tell(study_id: int, point_id: int, body: TellBody, who: Principal, svc: Svc)
     if not result.replayed:
         svc.metrics.count("hepopt_tells_total", "status", body.status)
         svc.scheduler.poke(study_id)
-    return point_json(result.point)
+    return JSONResponse(point_json(result.point))
 
 
 @router.post("/studies/{study_id}/points/{point_id}/release")
@@ -467,7 +468,7 @@ def create_app(settings: Settings, storage: Storage | None = None) -> FastAPI:
     app = FastAPI(title="hepopt orchestrator", version=__version__, lifespan=lifespan)
     app.state.service = svc
     install_error_handlers(app)
+    app.include_router(router, prefix=API_PREFIX)  # first: routes are matched in order, workers' are hot
     app.include_router(public, prefix=API_PREFIX)
     app.include_router(public, include_in_schema=False)
-    app.include_router(router, prefix=API_PREFIX)
     return app

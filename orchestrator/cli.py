@@ -149,7 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.retry_after:
         options["retry_after"] = args.retry_after
     run_server(Settings(**options), host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
-               log_level=args.log_level, access_log=args.access_log)
+               log_level=args.log_level, access_log=args.access_log, workers=args.workers)
     return EXIT_OK
 
 
@@ -177,6 +177,9 @@ def _add_serve(sub: Any) -> None:
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--access-log", action="store_true",
                         help="log every request (off by default: at worker rates it costs a large share of the CPU)")
+    parser.add_argument("--workers", type=positive_int, default=1,
+                        help="server processes sharing the port (default: 1); more use more CPU cores. Counters "
+                        "of /metrics are then per process")
     parser.set_defaults(func=_guarded(_serve))
 
 

@@ -14,8 +14,9 @@ Concurrency rules, the reason this module exists:
 * A partial unique index allows one open lease per point, so the database itself refuses a double lease.
 * With ``now=None`` the clock is read inside the transaction, after its locks, so stored times follow
   commit order (a lease never starts before the release that freed its point).
-* The hot paths of the worker protocol (``verify_token``, ``lease``, ``report``) are SQLAlchemy Core
-  statements on a connection: an ORM unit of work costs several times the SQL it runs.
+* The hot paths of the worker protocol (``verify_token``, ``lease``, ``report``, ``finish``) are SQLAlchemy Core
+  statements on a connection: an ORM unit of work costs several times the SQL it runs. Concurrent
+  reports are written together, one transaction per batch (:mod:`orchestrator.storage.group_commit`).
 
 Opening a storage runs the Alembic migrations up to head under a lock, so several processes may open
 the same database at once.
@@ -35,14 +36,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, Table, create_engine, event, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, Table, bindparam, create_engine, event, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
@@ -64,11 +67,13 @@ from orchestrator.storage.base import (
     PointState,
     StaleLeaseError,
     Storage,
+    StorageError,
     StudyRecord,
     StudyState,
     TokenInfo,
     clock,
 )
+from orchestrator.storage.group_commit import GroupCommit, Pending
 from orchestrator.storage.models import (
     NAME_LENGTH,
     REQUEST_ID_LENGTH,
@@ -152,6 +157,7 @@ class SQLStorage(Storage):
             raise ValueError(f"unsupported database {self.dialect!r}: use sqlite or postgresql")
         self.engine = _make_engine(self.url) if self.dialect == "sqlite" else _make_pg_engine(self.url)
         self._write_lock = _sqlite_write_lock(self.url, self.engine) if self.dialect == "sqlite" else None
+        self._reports: GroupCommit[_Report] = GroupCommit(self._write_reports)
         if migrate:
             self.upgrade()
 
@@ -397,11 +403,16 @@ class SQLStorage(Storage):
             raise InvalidValueError(f"step must be an integer >= 0, got {step!r}")
         value = _finite(value, "intermediate value")
 
+        self._reports.submit(_Report(point_id, lease_token, step, value, now, study_id))
+
+    def _write_reports(self, batch: list[Pending[_Report]]) -> None:
+        """One transaction for the reports queued meanwhile (see :class:`GroupCommit`)."""
         def work(conn: Connection) -> None:
-            point_study = _current_lease_study(conn, point_id, lease_token, study_id)
-            at = clock(now)
-            conn.execute(_upsert_intermediate(self.dialect), {"point_id": point_id, "study_id": point_study,
-                                                              "step": step, "value": value, "updated_at": at})
+            for pending in batch:
+                pending.error = None
+            rows = _checked_reports(conn, batch)
+            if rows:
+                conn.execute(_upsert_intermediate(self.dialect), rows)
 
         self._run_core(work)
 
@@ -415,25 +426,10 @@ class SQLStorage(Storage):
         elif loss is not None and status == PointState.PRUNED:
             loss = _finite(loss, "loss of a pruned point")
 
-        def work(s: Session) -> FinishResult:
-            study = _study(s, _study_id_of(s, point_id, study_id))
-            point = _locked_point(s, point_id)
-            at = clock(now)
-            if request_id is not None:
-                seen = s.scalars(select(PointRow).where(PointRow.finish_request_id == request_id)).first()
-                if seen is not None:
-                    if seen.id != point_id:
-                        raise ConflictError(f"request id {request_id!r} already finished point {seen.id}")
-                    return FinishResult(_point_record(seen), replayed=True)
-            _check_lease(point, lease_token)
-            final_loss = study.failed_loss if status == PointState.FAILED else loss
-            _end_lease(s, point, status, at)
-            point.state, point.loss, point.message = status, final_loss, message
-            point.finish_request_id, point.finished_at = request_id, at
-            _settle(s, study, at)
-            return FinishResult(_point_record(point), replayed=False)
+        def work(conn: Connection) -> FinishResult:
+            return _finish_point(conn, point_id, lease_token, status, loss, request_id, message, study_id, now)
 
-        return self._run(work)
+        return self._run_core(work)
 
     def release(self, point_id: int, lease_token: str, now: float | None = None, *,
                 study_id: int | None = None) -> PointRecord:
@@ -663,24 +659,36 @@ def _expire(s: Session, study: StudyRow, point: PointRow, at: float) -> None:
 
 def _settle(s: Session, study: StudyRow, at: float) -> None:
     """Mark a running study COMPLETED once nothing can change any more."""
-    exhausted = study.n_points >= study.max_points or study.evaluation_jobs >= study.max_evaluation_jobs
-    if study.state != StudyState.RUNNING or not exhausted:
-        return  # neither rule below can hold: skip counting the study's points
+    if not _may_complete(study):
+        return  # neither rule of _completion can hold: skip counting the study's points
     s.flush()
-    counts = _state_counts(s, study.id)
+    message = _completion(study, _state_counts(s, study.id))
+    if message is not None:
+        _set_state(study, StudyState.COMPLETED, message, at)
+
+
+def _may_complete(study: Any) -> bool:
+    """Whether a study row (ORM or Core) is running with its point or job budget spent."""
+    exhausted = study.n_points >= study.max_points or study.evaluation_jobs >= study.max_evaluation_jobs
+    return study.state == StudyState.RUNNING and exhausted
+
+
+def _completion(study: Any, counts: dict[str, int]) -> str | None:
+    """Why a study whose budget is spent is now COMPLETED, or None while points may still change."""
     open_points = counts["new"] + counts["running"]
     if study.n_points >= study.max_points and open_points == 0:
-        _set_state(study, StudyState.COMPLETED, f"all {study.max_points} points evaluated", at)
-    elif study.evaluation_jobs >= study.max_evaluation_jobs and counts["running"] == 0:
-        _set_state(study, StudyState.COMPLETED, f"maxEvaluationJobs ({study.max_evaluation_jobs}) used up; "
-                   f"{counts['new']} points left unevaluated", at)
+        return f"all {study.max_points} points evaluated"
+    if study.evaluation_jobs >= study.max_evaluation_jobs and counts["running"] == 0:
+        return (f"maxEvaluationJobs ({study.max_evaluation_jobs}) used up; "
+                f"{counts['new']} points left unevaluated")
+    return None
 
 
 def _set_state(study: StudyRow, state: StudyState, message: str | None, at: float) -> None:
     study.state, study.message, study.updated_at = state, message, at
 
 
-def _state_counts(s: Session, study_id: int) -> dict[str, int]:
+def _state_counts(s: Session | Connection, study_id: int) -> dict[str, int]:
     counts = {state.value: 0 for state in PointState}
     rows = s.execute(select(PointRow.state, func.count()).where(PointRow.study_id == study_id)
                      .group_by(PointRow.state))
@@ -697,46 +705,120 @@ def _token_info(conn: Connection, token_hash: str) -> TokenInfo | None:
     return None if row is None else TokenInfo(*row)
 
 
+def _lease_statements() -> dict[str, Any]:
+    """The statements of :func:`_lease_next`, built once: asks are frequent, and building a statement
+    and its cache key costs more than SQLite spends running it."""
+    st, pt = STUDIES.c, POINTS.c
+    return {
+        "study": select(st.state, st.evaluation_jobs, st.max_evaluation_jobs, st.lease_seconds)
+        .where(st.id == bindparam("b_study")).with_for_update(**NO_KEY_UPDATE),
+        "point": select(pt.id, pt.number, pt.params_json, pt.attempt)
+        .where(pt.study_id == bindparam("b_study"), pt.state == PointState.NEW.value)
+        .order_by(pt.number).limit(1).with_for_update(skip_locked=True, **NO_KEY_UPDATE),
+        "take": update(POINTS).where(pt.id == bindparam("b_point"))
+        .values(state=PointState.RUNNING.value, worker_id=bindparam("b_worker"), lease_token=bindparam("b_token"),
+                lease_expires_at=bindparam("b_expires"), updated_at=bindparam("b_at")),
+        "count": update(STUDIES).where(st.id == bindparam("b_study"))
+        .values(evaluation_jobs=st.evaluation_jobs + 1, updated_at=bindparam("b_at")),
+        "log": insert(LEASES),
+        "checkpoint": select(CHECKPOINTS.c.point_id).where(CHECKPOINTS.c.point_id == bindparam("b_point")),
+    }
+
+
+LEASE_SQL = _lease_statements()
+
+
 def _lease_next(conn: Connection, study_id: int, worker_id: str, now: float | None) -> Lease | None:
     """Lease the oldest NEW point: lock the study, skip points another leaser has locked, count the job."""
-    st, pt = STUDIES.c, POINTS.c
-    study = conn.execute(select(st.state, st.evaluation_jobs, st.max_evaluation_jobs, st.lease_seconds)
-                         .where(st.id == study_id).with_for_update(**NO_KEY_UPDATE)).first()
+    sql = LEASE_SQL
+    study = conn.execute(sql["study"], {"b_study": study_id}).first()
     if study is None:
         raise NotFoundError(f"study {study_id} not found")
     at = clock(now)
     if study.state != StudyState.RUNNING or study.evaluation_jobs >= study.max_evaluation_jobs:
         return None
-    point = conn.execute(select(pt.id, pt.number, pt.params_json, pt.attempt)
-                         .where(pt.study_id == study_id, pt.state == PointState.NEW.value)
-                         .order_by(pt.number).limit(1).with_for_update(skip_locked=True, **NO_KEY_UPDATE)).first()
+    point = conn.execute(sql["point"], {"b_study": study_id}).first()
     if point is None:
         return None
     token = secrets.token_hex(LEASE_TOKEN_BYTES)
     expires = at + study.lease_seconds
-    conn.execute(update(POINTS).where(pt.id == point.id)
-                 .values(state=PointState.RUNNING.value, worker_id=worker_id, lease_token=token,
-                         lease_expires_at=expires, updated_at=at))
-    conn.execute(update(STUDIES).where(st.id == study_id)
-                 .values(evaluation_jobs=st.evaluation_jobs + 1, updated_at=at))
-    conn.execute(insert(LEASES).values(point_id=point.id, study_id=study_id, worker_id=worker_id, lease_token=token,
-                                       attempt=point.attempt, started_at=at, expires_at=expires))
-    has_checkpoint = conn.scalar(select(CHECKPOINTS.c.point_id).where(CHECKPOINTS.c.point_id == point.id))
+    conn.execute(sql["take"], {"b_point": point.id, "b_worker": worker_id, "b_token": token, "b_expires": expires,
+                               "b_at": at})
+    conn.execute(sql["count"], {"b_study": study_id, "b_at": at})
+    conn.execute(sql["log"], {"point_id": point.id, "study_id": study_id, "worker_id": worker_id,
+                              "lease_token": token, "attempt": point.attempt, "started_at": at, "expires_at": expires})
+    has_checkpoint = conn.scalar(sql["checkpoint"], {"b_point": point.id})
     return Lease(point_id=point.id, study_id=study_id, number=point.number, params=json.loads(point.params_json),
                  attempt=point.attempt, worker_id=worker_id, lease_token=token, expires_at=expires,
                  has_checkpoint=has_checkpoint is not None)
 
 
-def _current_lease_study(conn: Connection, point_id: int, lease_token: str, study_id: int | None) -> int:
-    """The study of a point leased under ``lease_token``. The point row is share-locked (PostgreSQL), so
-    a concurrent finish/release waits for this transaction or is seen by it, never half."""
+@dataclass(frozen=True)
+class _Report:
+    """One ``report`` call waiting for its batch."""
+
+    point_id: int
+    lease_token: str
+    step: int
+    value: float
+    now: float | None
+    study_id: int | None
+
+
+def _checked_reports(conn: Connection, batch: list[Pending[_Report]]) -> list[dict[str, Any]]:
+    """The rows to upsert for the reports whose lease is current; the others get their error. Points are
+    share-locked in id order (PostgreSQL), so a concurrent finish/release waits or is seen, never half."""
     pt = POINTS.c
-    row = conn.execute(select(pt.study_id, pt.state, pt.lease_token).where(pt.id == point_id)
-                       .with_for_update(read=True)).first()
-    if row is None or (study_id is not None and row.study_id != study_id):
-        raise NotFoundError(f"point {point_id} not found")
-    _check_token(point_id, row.state, row.lease_token, lease_token)
-    return row.study_id
+    ids = sorted({pending.item.point_id for pending in batch})
+    found = {row.id: row for row in conn.execute(select(pt.id, pt.study_id, pt.state, pt.lease_token)
+                                                 .where(pt.id.in_(ids)).order_by(pt.id)
+                                                 .with_for_update(read=True))}
+    rows: dict[tuple[int, int], dict[str, Any]] = {}
+    for pending in batch:
+        report = pending.item
+        try:
+            row = found.get(report.point_id)
+            if row is None or (report.study_id is not None and row.study_id != report.study_id):
+                raise NotFoundError(f"point {report.point_id} not found")
+            _check_token(report.point_id, row.state, row.lease_token, report.lease_token)
+        except StorageError as exc:
+            pending.error = exc
+            continue
+        rows[report.point_id, report.step] = {"point_id": report.point_id, "study_id": row.study_id,
+                                              "step": report.step, "value": report.value,
+                                              "updated_at": clock(report.now)}
+    return list(rows.values())
+
+
+def _finish_point(conn: Connection, point_id: int, lease_token: str, status: PointState, loss: float | None,
+                  request_id: str | None, message: str | None, study_id: int | None,
+                  now: float | None) -> FinishResult:
+    """``finish`` in Core: lock study then point, replay a known request id, end the lease, settle."""
+    st, pt = STUDIES.c, POINTS.c
+    owner = _study_id_of(conn, point_id, study_id)
+    study = conn.execute(select(st.state, st.n_points, st.max_points, st.evaluation_jobs, st.max_evaluation_jobs,
+                                st.failed_loss).where(st.id == owner).with_for_update(**NO_KEY_UPDATE)).one()
+    point = conn.execute(select(POINTS).where(pt.id == point_id).with_for_update(**NO_KEY_UPDATE)).one()
+    at = clock(now)
+    if request_id is not None:
+        seen = conn.execute(select(POINTS).where(pt.finish_request_id == request_id)).first()
+        if seen is not None:
+            if seen.id != point_id:
+                raise ConflictError(f"request id {request_id!r} already finished point {seen.id}")
+            return FinishResult(_point_record(seen), replayed=True)
+    _check_token(point_id, point.state, point.lease_token, lease_token)
+    conn.execute(update(LEASES).where(LEASES.c.lease_token == point.lease_token)
+                 .values(ended_at=at, outcome=status.value))
+    values = {"state": status.value, "loss": study.failed_loss if status == PointState.FAILED else loss,
+              "message": message, "finish_request_id": request_id, "finished_at": at, "lease_token": None,
+              "worker_id": None, "lease_expires_at": None, "updated_at": at}
+    conn.execute(update(POINTS).where(pt.id == point_id).values(**values))
+    if _may_complete(study):
+        completion = _completion(study, _state_counts(conn, owner))
+        if completion is not None:
+            conn.execute(update(STUDIES).where(st.id == owner)
+                         .values(state=StudyState.COMPLETED.value, message=completion, updated_at=at))
+    return FinishResult(_point_record(SimpleNamespace(**{**point._mapping, **values})), replayed=False)
 
 
 @functools.cache
@@ -762,7 +844,8 @@ def _study_record(row: StudyRow) -> StudyRecord:
                        steering_started_at=row.steering_started_at, steering_error=row.steering_error)
 
 
-def _point_record(row: PointRow) -> PointRecord:
+def _point_record(row: Any) -> PointRecord:
+    """A point from an ORM row, a Core row, or a namespace with the same attributes."""
     return PointRecord(id=row.id, study_id=row.study_id, number=row.number, params=json.loads(row.params_json),
                        state=PointState(row.state), origin=row.origin, attempt=row.attempt, loss=row.loss,
                        message=row.message, worker_id=row.worker_id, lease_expires_at=row.lease_expires_at,

@@ -92,6 +92,7 @@ class ServerProcess:
     log_path: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    workers: int = 1
 
     @property
     def url(self) -> str:
@@ -104,7 +105,7 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         argv = [PYTHON, "-m", "hepopt", "serve", "--db", self.db_url, "--port", str(self.port),
                 "--data-dir", str(self.data_dir), "--reaper-interval", REAPER_INTERVAL,
-                "--retry-after", RETRY_AFTER, "--log-level", "warning"]
+                "--retry-after", RETRY_AFTER, "--log-level", "warning", "--workers", str(self.workers)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         wait_for(self._healthy, SERVER_START_TIMEOUT_S, f"hepopt serve on {self.url} (log {self.log_path})")
@@ -138,8 +139,10 @@ class ServerProcess:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    srv = ServerProcess(db_path=tmp_path / "hepopt.db", data_dir=tmp_path / "data", log_path=tmp_path / "serve.log")
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """``hepopt serve`` with one process, or as many as an indirect parameter says (``--workers``)."""
+    srv = ServerProcess(db_path=tmp_path / "hepopt.db", data_dir=tmp_path / "data", log_path=tmp_path / "serve.log",
+                        workers=getattr(request, "param", 1))
     try:
         yield srv.start()
     finally:

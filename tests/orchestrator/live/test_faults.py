@@ -84,7 +84,9 @@ def test_orchestrator_killed_and_restarted_loses_nothing(kit: Any, server: Any, 
     assert "orchestrator unreachable" in logs, "the workers never saw the outage: the test proved nothing"
 
 
+@pytest.mark.parametrize("server", [1, 2], indirect=True, ids=["one-process", "two-processes"])
 def test_64_concurrent_workers_on_sqlite(kit: Any, server: Any) -> None:
+    """Also with ``hepopt serve --workers 2``: two processes on one SQLite file keep every rule."""
     from hepopt.client import Client
 
     task = kit.make_task(CONCURRENT_POINTS, parallel=CONCURRENT_WORKERS, evaluationExec="unused",
@@ -117,6 +119,23 @@ def test_64_concurrent_workers_on_sqlite(kit: Any, server: Any) -> None:
     assert outcomes == [("done", CONCURRENT_POINTS)], outcomes
     log = server.log()
     assert "database is locked" not in log and "Traceback" not in log, log[-3000:]
+    children = _children(server.proc.pid)
+    assert len(children) == (server.workers if server.workers > 1 else 0), children
+    server.stop()
+    assert server.proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it stopped on
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children), "a server process outlived serve"
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (the pre-forked servers), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                found.append(int(stat.parent.name))
+        except OSError:
+            continue
+    return found
 
 
 def _cycle_until_finished(client: Any, study_id: int, worker_id: str, leased: list[int],
