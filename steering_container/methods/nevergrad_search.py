@@ -53,6 +53,7 @@ from typing import Any
 
 import nevergrad as ng
 import numpy as np
+from nevergrad.optimization.optimizerlib import _CMA
 
 from hepopt.errors import SpecError
 from hepopt.space import Dimension, SearchSpace
@@ -136,8 +137,24 @@ def _run(optimizer_name: str, encoding: Encoding, problem: Problem, n: int) -> l
     optimizer, learner, sequential = _make_optimizer(optimizer_name, parametrization, len(replay) + 2 * n, n)
     rows = encoding.standardize([flat for flat, _ in replay])
     for row, (_, loss) in zip(rows, replay, strict=True):
-        learner.tell(parametrization.spawn_child().set_standardized_data(row), loss)
+        learner.tell(_replayed(learner, parametrization, row), loss)
     return _ask_new(optimizer, encoding, problem, n, sequential)
+
+
+def _replayed(learner: Any, parametrization: ng.p.Parameter, row: np.ndarray) -> ng.p.Parameter:
+    """A candidate carrying one history point, in the form ``learner`` learns from.
+
+    nevergrad's CMA silently drops points it did not ask for (its pycma ``tell`` error is swallowed), so
+    the stateless replay would never move its distribution. It gets one of its own asked candidates whose
+    data, as CMA reads it back at tell time (its per-candidate data cache), is the history point: pycma
+    then learns from the history as from injected external solutions. Asked candidates are frozen, so
+    the cache is the one place the point can go.
+    """
+    if isinstance(learner, _CMA):
+        candidate = learner.ask()
+        candidate._meta[_CMA._CACHE_KEY] = row
+        return candidate
+    return parametrization.spawn_child().set_standardized_data(row)
 
 
 def _make_optimizer(name: str, parametrization: ng.p.Parameter, budget: int, n: int) -> tuple[Any, Any, bool]:
