@@ -30,9 +30,6 @@ SAMPLED_POINTS = 2000
 #: widened for a regression's extrapolation.
 PLAUSIBLE_LOSS = (400.0, 600.0)
 
-needs_curves = pytest.mark.skipif(not obj.CURVES_PATH.is_file(), reason=f"no learning curves at {obj.CURVES_PATH}")
-
-
 @pytest.mark.parametrize("minimiser", obj.BRANIN_MINIMISERS)
 def test_branin_reaches_its_minimum_at_each_minimiser(minimiser: tuple[float, float]) -> None:
     assert obj.branin(*minimiser) == pytest.approx(obj.BRANIN_MINIMUM, abs=MINIMUM_TOLERANCE)
@@ -64,18 +61,15 @@ def curves() -> obj.Curves:
     return obj.load_curves()
 
 
-@needs_curves
 def test_curves_drop_only_the_outlier(curves: obj.Curves) -> None:
     assert (len(curves.final_loss), curves.dropped) == (295, 1)
     assert curves.final_loss.max() < obj.OUTLIER_FINAL_LOSS
 
 
-@needs_curves
 def test_curves_match_the_mlpf_space(curves: obj.Curves) -> None:
     assert obj.range_mismatches(curves, SearchSpace.parse(MLPF_SPACE)) == []
 
 
-@needs_curves
 def test_surrogate_predicts_finite_plausible_losses_over_the_space(curves: obj.Curves) -> None:
     objective, surrogate = obj.mlpf_objective(curves)
     space = SearchSpace.parse(objective.space)
@@ -87,7 +81,6 @@ def test_surrogate_predicts_finite_plausible_losses_over_the_space(curves: obj.C
     assert objective.evaluate(point) == pytest.approx(surrogate.predict_unit(surrogate.encoder.encode([point]))[0])
 
 
-@needs_curves
 def test_surrogate_cross_validates_above_the_floor(curves: obj.Curves) -> None:
     assert obj.cross_validated_r2(curves, SearchSpace.parse(MLPF_SPACE)) > R2_FLOOR
 
