@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import time
@@ -22,30 +21,22 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from hepopt.task import load_task
-from steering_container.idds import write_json_atomic
+from hepopt.task import Task, load_task
+from orchestrator.steering import steer_exec
+from orchestrator.worker import payload_argv
+from steering_container.api import Observation
 
 HERE = Path(__file__).resolve().parent
 SHOWN_BEST = 5
+#: Wall-clock limit of one steering command.
+STEERING_TIMEOUT_S = 600.0
 
 
-def steer(task, points, workdir: Path) -> list[dict]:
-    infile, outfile = workdir / "idds_input.json", workdir / "idds_output.json"
-    write_json_atomic(infile, {"points": points, "opt_space": task.searchSpace})
-    outfile.unlink(missing_ok=True)
-    command = (task.steeringExec.replace("%IN", str(infile)).replace("%OUT", str(outfile))
-               .replace("%NUM_POINTS", str(task.nPointsPerIteration)).replace("%MAX_POINTS", str(task.maxPoints)))
-    argv = [sys.executable if word == "python" else word for word in shlex.split(command)]
-    subprocess.run(argv, check=True)
-    return json.loads(outfile.read_text())
-
-
-def evaluate(task, point: dict, rundir: Path, source: Path) -> float | None:
+def evaluate(task: Task, point: dict, rundir: Path, task_dir: Path) -> float | None:
+    """Run the payload on one point in its own directory; the loss, or None when it failed."""
     rundir.mkdir(parents=True)
     (rundir / task.evaluationInput).write_text(json.dumps(point))
-    argv = [sys.executable if word == "python" else word for word in shlex.split(task.evaluationExec)]
-    argv = [str(source / w) if (source / w).is_file() else w for w in argv]
-    subprocess.run(argv, cwd=rundir, check=False)
+    subprocess.run(payload_argv(task.evaluationExec, task_dir, rundir), cwd=rundir, check=False)
     output = rundir / task.evaluationOutput
     result = json.loads(output.read_text()) if output.exists() else {"status": 1}
     return result.get("loss") if result.get("status") == 0 else None
@@ -61,12 +52,14 @@ def main() -> int:
     workdir = Path(args.workdir) / time.strftime("%Y%m%d-%H%M%S")
     workdir.mkdir(parents=True)
     console, points, start = Console(), [], time.time()
+    task_dir = Path(args.task).resolve().parent
     while len(points) < task.maxPoints:
-        new = steer(task, points, workdir)
+        history = [Observation(p, loss, "done" if loss is not None else "failed") for p, loss in points]
+        new = steer_exec(task, history, task.nPointsPerIteration, STEERING_TIMEOUT_S)
         if not new:
             break
         for point in new:
-            loss = evaluate(task, point, workdir / f"point_{len(points):04d}", Path(args.task).resolve().parent)
+            loss = evaluate(task, point, workdir / f"point_{len(points):04d}", task_dir)
             points.append([point, loss])
         best = min((p for p in points if p[1] is not None), key=lambda p: p[1], default=None)
         console.print(f"{len(points)}/{task.maxPoints} points, best loss {best[1] if best else '-'}")
