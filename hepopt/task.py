@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from hepopt.errors import SpecError, join_path
 from hepopt.space import SearchSpace
@@ -22,8 +22,32 @@ from hepopt.space import SearchSpace
 MAX_POINTS_LIMIT = 1_000_000
 #: Method names the core accepts; the steering container checks nevergrad optimizer names.
 METHOD_PATTERN = re.compile(r"^(random|grid|tpe|anneal|nevergrad:[A-Za-z0-9_]+)$")
-#: Early-stopping policies the orchestrator knows (more arrive with the stopping-policy issue).
-STOPPING_POLICIES = ("none", "median")
+#: Early-stopping policies the orchestrator knows (docs/EARLY_STOPPING.md describes each).
+STOPPING_POLICIES = ("none", "median", "asha", "hyperband", "predictive")
+#: Learning-curve predictors the predictive policy may use (steering_container.prediction has them).
+STOPPING_PREDICTORS = ("svr", "qsvr", "qsvr-ensemble")
+#: Defaults of the policy-specific keys. Those keys default to None so that a dumped task carries only
+#: what the user wrote, and a key given to a policy that ignores it can be refused.
+DEFAULT_GRACE_PERIOD = 1
+DEFAULT_REDUCTION_FACTOR = 3
+DEFAULT_QUANTILE = 0.25
+DEFAULT_PREDICTOR = "svr"
+DEFAULT_MIN_COMPLETED = 5
+DEFAULT_REFIT_EVERY = 5
+DEFAULT_MIN_TRIALS = 5
+#: The predictors need this many fully trained curves to fit anything.
+MIN_COMPLETED_FLOOR = 5
+#: Larger reduction factors keep (almost) nobody: a typo, not a schedule.
+MAX_REDUCTION_FACTOR = 100
+_RUNG_KEYS = frozenset({"gracePeriod", "reductionFactor", "maxResource"})
+#: The keys each policy reads; any other policy key given for it is refused (it would be ignored).
+POLICY_KEYS: dict[str, frozenset[str]] = {
+    "none": frozenset(),
+    "median": frozenset({"minTrials", "warmupSteps"}),
+    "asha": _RUNG_KEYS,
+    "hyperband": _RUNG_KEYS | {"brackets"},
+    "predictive": _RUNG_KEYS | {"brackets", "quantile", "predictor", "minCompleted", "refitEvery"},
+}
 
 
 class _Strict(BaseModel):
@@ -31,11 +55,105 @@ class _Strict(BaseModel):
 
 
 class EarlyStopping(_Strict):
-    """Which policy decides, from intermediate values, that a point should stop early."""
+    """Which policy decides, from intermediate values, that a point should stop early.
+
+    ``step`` in a report is the 0-based index of the epoch just finished, so after step ``s`` a point has
+    used ``s + 1`` units of resource; rungs sit at resources ``gracePeriod * reductionFactor**k`` below
+    ``maxResource``. Policy-specific keys left out take the ``DEFAULT_*`` values (see the properties).
+    """
 
     policy: Literal[STOPPING_POLICIES] = "none"  # type: ignore[valid-type]
-    minTrials: int = Field(5, ge=1, description="completed points needed before the rule acts")
-    warmupSteps: int = Field(0, ge=0, description="intermediate steps always allowed")
+    minTrials: int = Field(DEFAULT_MIN_TRIALS, ge=1, description="median: points at the step needed to act")
+    warmupSteps: int = Field(0, ge=0, description="median: intermediate steps always allowed")
+    gracePeriod: int | None = Field(None, ge=1, description="resource (epochs) of the first rung")
+    reductionFactor: int | None = Field(None, ge=2, le=MAX_REDUCTION_FACTOR,
+                                        description="1/reductionFactor of the points at a rung continue")
+    maxResource: int | None = Field(None, ge=2, description="resource a point trains for when never stopped")
+    brackets: int | None = Field(None, ge=1, description="hyperband, predictive: brackets used (default: all "
+                                 "that fit below maxResource)")
+    quantile: float | None = Field(None, gt=0, lt=1, description="predictive: continue when the predicted "
+                                   "final value beats this quantile of the completed points' final values")
+    predictor: Literal[STOPPING_PREDICTORS] | None = None  # type: ignore[valid-type]
+    minCompleted: int | None = Field(None, ge=MIN_COMPLETED_FLOOR,
+                                     description="predictive: completed points before the predictor decides")
+    refitEvery: int | None = Field(None, ge=1, description="predictive: newly completed points per refit")
+
+    @field_validator("minTrials", "warmupSteps")
+    @classmethod
+    def _median_key(cls, value: int, info: ValidationInfo) -> int:
+        # Older tasks were stored with these two at their defaults whatever the policy; those stay valid.
+        if value != cls.model_fields[str(info.field_name)].default:
+            _check_read(info)
+        return value
+
+    @field_validator("gracePeriod", "reductionFactor", "maxResource", "brackets", "quantile", "predictor",
+                     "minCompleted", "refitEvery")
+    @classmethod
+    def _policy_key(cls, value: Any, info: ValidationInfo) -> Any:
+        _check_read(info)
+        return value
+
+    @model_validator(mode="after")
+    def _rungs_fit(self) -> EarlyStopping:
+        if self.policy == "hyperband" and self.maxResource is None:
+            raise ValueError("maxResource: the hyperband policy needs it (the resource of a full training)")
+        if self.maxResource is not None and self.grace_period >= self.maxResource:
+            raise ValueError(f"gracePeriod ({self.grace_period}) must be below maxResource ({self.maxResource}): "
+                             "otherwise no rung exists and nothing is ever stopped")
+        if self.brackets is not None and self.brackets > self.bracket_limit:
+            raise ValueError(f"brackets: at most {self.bracket_limit} fit between gracePeriod {self.grace_period} "
+                             f"and maxResource {self.maxResource} with reductionFactor {self.reduction_factor}")
+        return self
+
+    @property
+    def grace_period(self) -> int:
+        return DEFAULT_GRACE_PERIOD if self.gracePeriod is None else self.gracePeriod
+
+    @property
+    def reduction_factor(self) -> int:
+        return DEFAULT_REDUCTION_FACTOR if self.reductionFactor is None else self.reductionFactor
+
+    @property
+    def bracket_limit(self) -> int:
+        if self.maxResource is None:
+            return 1
+        return hyperband_bracket_limit(self.grace_period, self.reduction_factor, self.maxResource)
+
+    @property
+    def bracket_count(self) -> int:
+        return self.bracket_limit if self.brackets is None else self.brackets
+
+    @property
+    def prune_quantile(self) -> float:
+        return DEFAULT_QUANTILE if self.quantile is None else self.quantile
+
+    @property
+    def predictor_name(self) -> str:
+        return DEFAULT_PREDICTOR if self.predictor is None else self.predictor
+
+    @property
+    def min_completed(self) -> int:
+        return DEFAULT_MIN_COMPLETED if self.minCompleted is None else self.minCompleted
+
+    @property
+    def refit_every(self) -> int:
+        return DEFAULT_REFIT_EVERY if self.refitEvery is None else self.refitEvery
+
+
+def hyperband_bracket_limit(grace_period: int, reduction_factor: int, max_resource: int) -> int:
+    """Hyperband's s_max + 1: the brackets whose first rung, grace_period * reduction_factor**b, fits."""
+    count, first_rung = 0, grace_period
+    while first_rung <= max_resource:
+        count, first_rung = count + 1, first_rung * reduction_factor
+    return count
+
+
+def _check_read(info: ValidationInfo) -> None:
+    """Refuse a key the chosen policy ignores: a silently ignored setting is a typo waiting to bite."""
+    policy = info.data.get("policy")
+    if policy in POLICY_KEYS and info.field_name not in POLICY_KEYS[policy]:
+        readers = [name for name, keys in POLICY_KEYS.items() if info.field_name in keys]
+        raise ValueError(f"the {policy!r} policy does not use this key; it is read by {', '.join(readers)}")
 
 
 class HepoptOptions(_Strict):

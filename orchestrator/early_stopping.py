@@ -1,47 +1,192 @@
-"""Prune decisions for ``report``, kept fast with a per-study cache of learning curves.
+"""Prune decisions for ``report``: a per-study cache of trials, refreshed and learned from in the background.
 
-Reads the study's curves from storage once, then folds each new report into the cache; the cache is
-re-read after ``max_age`` seconds so values reported to another server process are seen eventually.
+The first report of a study loads its points and learning curves from storage (on the request path,
+once); after that a decision reads only memory: the reported value is folded into the cache and the
+study's policy (steering_container.stopping) is asked. Slow work never runs on the request path: every
+``max_age`` seconds one background thread per study re-reads storage — so values reported to other
+server processes, and points finished since, are seen — and the same thread refits a policy that wants
+to learn from newly completed trials (the predictive one). Until a re-read or refit is done, decisions
+use the cache and models as they are. Reports that arrive during a re-read are replayed onto the fresh
+snapshot, so none is lost.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from hepopt.task import Task
-from orchestrator.storage.base import Storage
-from steering_container.stopping import NoStopping, make_policy
+from orchestrator.storage.base import PointRecord, PointState, Storage
+from steering_container.stopping import StoppingPolicy, TrialState, TrialView, make_policy
 
-Curves = dict[int, dict[int, float]]
+log = logging.getLogger(__name__)
+
+#: A study without reports for this long leaves the cache (its next report loads it again, about a
+#: second with 1,000 curves). Epochs of real trainings can take an hour, so this is much longer.
+IDLE_EVICTION_S = 24 * 3600.0
+#: How a point's state reads to a policy: a NEW point may hold a curve from an attempt that expired.
+TRIAL_STATES: dict[PointState, TrialState] = {
+    PointState.NEW: "running", PointState.RUNNING: "running", PointState.DONE: "done",
+    PointState.PRUNED: "pruned", PointState.FAILED: "failed",
+}
+
+PolicyFactory = Callable[[Task], StoppingPolicy]
+
+
+def policy_for(task: Task) -> StoppingPolicy:
+    """The policy of the task's ``hepopt.earlyStopping`` block (with the search space it may need)."""
+    options = task.hepopt.earlyStopping
+    space = task.space if options.policy == "predictive" else None
+    return make_policy(options, task.hepopt.direction, space)
+
+
+class Background:
+    """Runs one study's slow jobs one after another on a single thread, started on demand and ended
+    when no job is left: one thread per study at most, none for a study at rest."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Callable[[], None]] = {}
+        self._thread: threading.Thread | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+
+    def submit(self, key: str, job: Callable[[], None]) -> None:
+        """Queue ``job`` unless a job with the same key is already waiting."""
+        with self._lock:
+            self._jobs.setdefault(key, job)
+            if self._thread is not None:
+                return
+            self._idle.clear()
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """True once no job is waiting or running (for tests and orderly shutdown)."""
+        return self._idle.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._jobs:
+                    self._thread = None
+                    self._idle.set()
+                    return
+                key = next(iter(self._jobs))
+                job = self._jobs.pop(key)
+            try:
+                job()
+            except Exception:  # a failed job must not end the thread that later jobs rely on
+                log.exception("%s: background job %r failed", self.name, key)
+
+
+@dataclass
+class StudyCache:
+    """One study's policy and trials. ``journal`` collects reports while a re-read is under way."""
+
+    policy: StoppingPolicy
+    trials: dict[int, TrialView]
+    loaded_at: float
+    used_at: float
+    background: Background
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    journal: list[tuple[int, int, float]] | None = None
 
 
 class StoppingDecider:
     """Answers ``prune`` for one report with the study's configured policy."""
 
-    def __init__(self, storage: Storage, max_age: float) -> None:
+    def __init__(self, storage: Storage, max_age: float, policy_factory: PolicyFactory = policy_for,
+                 idle_eviction: float = IDLE_EVICTION_S) -> None:
         self.storage = storage
         self.max_age = max_age
+        self.policy_factory = policy_factory
+        self.idle_eviction = idle_eviction
         self._lock = threading.Lock()
-        self._cache: dict[int, tuple[float, Curves]] = {}
+        self._studies: dict[int, StudyCache] = {}
 
     def decide(self, study_id: int, task: Task, point_id: int, step: int, value: float) -> bool:
-        """Record the value (already stored) and ask the study's policy about it."""
-        policy = make_policy(task.hepopt.earlyStopping, task.hepopt.direction)
-        if isinstance(policy, NoStopping):
+        """Fold the (already stored) value into the study's cache and ask the policy about it."""
+        if task.hepopt.earlyStopping.policy == "none":
             return False
-        with self._lock:
-            curves = self._curves(study_id)
-            curves.setdefault(point_id, {})[step] = value
-            others = [curve for pid, curve in curves.items() if pid != point_id]
-            return policy.should_prune(step, value, others)
+        study = self._study(study_id, task)
+        trial = study.trials.get(point_id) or self._trial_of(self.storage.get_point(point_id))
+        with study.lock:
+            trial = study.trials.setdefault(point_id, trial)
+            trial.curve[step] = value
+            if study.journal is not None:
+                study.journal.append((point_id, step, value))
+            others = [other for pid, other in study.trials.items() if pid != point_id]
+            prune = study.policy.should_prune(trial, step, others)
+            stale = time.monotonic() - study.loaded_at >= self.max_age
+            if stale:
+                study.loaded_at = time.monotonic()  # claimed: one re-read at a time
+        if stale:
+            study.background.submit("reload", lambda: self._reload(study_id, study))
+        return prune
 
-    def _curves(self, study_id: int) -> Curves:
+    def cached(self, study_id: int) -> StudyCache | None:
+        """The study's cache entry, if loaded (for tests and diagnostics)."""
+        with self._lock:
+            return self._studies.get(study_id)
+
+    # -- the cache --------------------------------------------------------------------------------
+    def _study(self, study_id: int, task: Task) -> StudyCache:
         now = time.monotonic()
-        loaded = self._cache.get(study_id)
-        if loaded is not None and now - loaded[0] < self.max_age:
-            return loaded[1]
-        self._cache = {sid: entry for sid, entry in self._cache.items() if now - entry[0] < self.max_age}
+        with self._lock:
+            self._studies = {sid: s for sid, s in self._studies.items() if now - s.used_at < self.idle_eviction}
+            study = self._studies.get(study_id)
+        if study is None:
+            loaded = StudyCache(self.policy_factory(task), self._load(study_id), now, now,
+                                Background(f"stopping-study-{study_id}"))
+            with self._lock:
+                study = self._studies.setdefault(study_id, loaded)
+            if study is loaded:
+                study.background.submit("refit", lambda: self._refit(study))
+        study.used_at = now
+        return study
+
+    def _load(self, study_id: int) -> dict[int, TrialView]:
         curves = self.storage.intermediate_values(study_id)
-        self._cache[study_id] = (now, curves)
-        return curves
+        trials = {point.id: self._trial_of(point) for point in self.storage.list_points(study_id)}
+        for point_id, curve in curves.items():
+            if point_id in trials:
+                trials[point_id].curve = curve
+        return trials
+
+    @staticmethod
+    def _trial_of(point: PointRecord) -> TrialView:
+        final = point.loss if point.state == PointState.DONE else None
+        return TrialView(point.id, params=point.params, state=TRIAL_STATES[point.state], final=final)
+
+    def _reload(self, study_id: int, study: StudyCache) -> None:
+        """Swap in a fresh snapshot, keep trials it does not know yet and replay the reports it missed."""
+        with study.lock:
+            study.journal = []
+        try:
+            fresh = self._load(study_id)
+        except BaseException:
+            with study.lock:
+                study.journal = None
+            raise
+        with study.lock:  # closing the journal and swapping in one step: no report falls in between
+            for point_id, trial in study.trials.items():
+                fresh.setdefault(point_id, trial)
+            for point_id, step, value in study.journal or ():
+                fresh[point_id].curve[step] = value
+            study.trials, study.journal = fresh, None
+        self._refit(study)
+
+    @staticmethod
+    def _refit(study: StudyCache) -> None:
+        with study.lock:
+            completed = [trial for trial in study.trials.values() if trial.completed]
+        if study.policy.wants_refit(completed):
+            started = time.perf_counter()
+            study.policy.refit(completed)
+            log.info("%s: stopping policy refitted on %d completed trials in %.2f s", study.background.name,
+                     len(completed), time.perf_counter() - started)

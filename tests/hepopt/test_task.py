@@ -3,7 +3,7 @@ import json
 import pytest
 
 from hepopt.errors import SpecError
-from hepopt.task import MAX_POINTS_LIMIT, load_task, parse_task
+from hepopt.task import DEFAULT_QUANTILE, MAX_POINTS_LIMIT, STOPPING_POLICIES, load_task, parse_task
 
 SPACE = {"lr": {"method": "loguniform", "dimension": {"low": 1e-6, "high": 3e-2}}}
 MINIMAL = {"evaluationExec": "python train.py", "searchSpace": SPACE}
@@ -83,3 +83,51 @@ def test_phpo_export_drops_only_the_hepopt_block():
     assert "hepopt" not in phpo
     assert phpo["maxPoints"] == 4 and phpo["searchSpace"] == SPACE
     assert parse_task(task.to_json()) == task
+
+
+def stopping(**block):
+    return {**MINIMAL, "hepopt": {"earlyStopping": block}}
+
+
+@pytest.mark.parametrize("block, location, message", [
+    ({"policy": "asha", "gracePeriod": 0}, "hepopt.earlyStopping.gracePeriod", "greater than or equal to 1"),
+    ({"policy": "asha", "gracePeriod": "1"}, "hepopt.earlyStopping.gracePeriod", "integer"),
+    ({"policy": "asha", "reductionFactor": 1}, "hepopt.earlyStopping.reductionFactor", "greater than or equal to 2"),
+    ({"policy": "asha", "reductionFactor": 2.5}, "hepopt.earlyStopping.reductionFactor", "integer"),
+    ({"policy": "asha", "maxResource": 1}, "hepopt.earlyStopping.maxResource", "greater than or equal to 2"),
+    ({"policy": "asha", "gracePeriod": 10, "maxResource": 10}, "hepopt.earlyStopping", "must be below maxResource"),
+    ({"policy": "hyperband"}, "hepopt.earlyStopping", "maxResource: the hyperband policy needs it"),
+    ({"policy": "hyperband", "maxResource": 100, "brackets": 6}, "hepopt.earlyStopping", "brackets: at most 5"),
+    ({"policy": "hyperband", "maxResource": 100, "brackets": 0}, "hepopt.earlyStopping.brackets", "greater than"),
+    ({"policy": "predictive", "quantile": 0}, "hepopt.earlyStopping.quantile", "greater than 0"),
+    ({"policy": "predictive", "quantile": 25}, "hepopt.earlyStopping.quantile", "less than 1"),
+    ({"policy": "predictive", "predictor": "gp"}, "hepopt.earlyStopping.predictor", "'svr'"),
+    ({"policy": "predictive", "minCompleted": 2}, "hepopt.earlyStopping.minCompleted", "greater than or equal to 5"),
+    ({"policy": "predictive", "refitEvery": 0}, "hepopt.earlyStopping.refitEvery", "greater than or equal to 1"),
+    ({"policy": "predictive", "gracePeriodd": 1}, "hepopt.earlyStopping.gracePeriodd", "unknown key"),
+    # A key the chosen policy would ignore is a mistake, not a default.
+    ({"policy": "asha", "quantile": 0.2}, "hepopt.earlyStopping.quantile", "read by predictive"),
+    ({"policy": "median", "gracePeriod": 2}, "hepopt.earlyStopping.gracePeriod", "read by asha, hyperband, predictive"),
+    ({"policy": "asha", "brackets": 2}, "hepopt.earlyStopping.brackets", "does not use this key"),
+    ({"policy": "hyperband", "maxResource": 9, "minTrials": 3}, "hepopt.earlyStopping.minTrials", "read by median"),
+])
+def test_bad_stopping_settings_are_refused_naming_the_key(block, location, message):
+    with pytest.raises(SpecError) as exc:
+        parse_task(stopping(**block))
+    assert any(loc == location and message in msg for loc, msg in exc.value.problems), exc.value.problems
+
+
+def test_stopping_settings_take_documented_defaults_and_survive_a_round_trip():
+    block = parse_task(stopping(policy="predictive", maxResource=100)).hepopt.earlyStopping
+    assert (block.grace_period, block.reduction_factor, block.bracket_count) == (1, 3, 5)
+    assert block.prune_quantile == DEFAULT_QUANTILE == 0.25 and block.predictor_name == "svr"
+    for policy in STOPPING_POLICIES:
+        extra = {"maxResource": 27} if policy in ("hyperband", "predictive") else {}
+        task = parse_task(stopping(policy=policy, **extra))
+        assert parse_task(task.to_json()) == task
+    full = stopping(policy="predictive", gracePeriod=2, reductionFactor=2, maxResource=64, brackets=3,
+                    quantile=0.1, predictor="qsvr-ensemble", minCompleted=20, refitEvery=4)
+    task = parse_task(full)
+    assert task.to_json()["hepopt"]["earlyStopping"].items() >= full["hepopt"]["earlyStopping"].items()
+    # Tasks stored before the new policies carried the median keys at their defaults whatever the policy.
+    assert parse_task(stopping(policy="none", minTrials=5, warmupSteps=0)).hepopt.earlyStopping.policy == "none"

@@ -1,0 +1,181 @@
+"""The orchestrator's prune decisions: StoppingDecider on a real SQLite storage, and the report route."""
+
+import importlib
+import threading
+import time
+
+import pytest
+
+from hepopt.errors import InvalidRequest
+from hepopt.task import parse_task
+from orchestrator.early_stopping import StoppingDecider
+from orchestrator.storage.base import PointState
+from orchestrator.storage.sql import SQLStorage
+from steering_container.stopping import PredictiveStopping
+
+SPACE = {"x": {"method": "uniform", "dimension": {"low": 0, "high": 1}}}
+ASHA = {"policy": "asha", "gracePeriod": 1, "reductionFactor": 2, "maxResource": 10}
+#: Long enough for a decision on a loaded machine, far shorter than a blocked fit.
+DECISION_TIMEOUT_S = 5.0
+BLOCKED_FIT_LIMIT_S = 30.0
+
+
+@pytest.fixture
+def storage(tmp_path):
+    with SQLStorage(f"sqlite:///{tmp_path / 'stopping.db'}") as store:
+        yield store
+
+
+def study_with(storage, early_stopping, points):
+    task = parse_task({"evaluationExec": "train", "searchSpace": SPACE, "maxPoints": points,
+                       "nParallelEvaluation": points, "hepopt": {"method": "random", "earlyStopping": early_stopping}})
+    study = storage.create_study("alice", task)
+    storage.add_points(study.id, [{"x": i / points} for i in range(points)], origin="test")
+    leases = [storage.lease(study.id, f"w{i}") for i in range(points)]
+    return study.id, task, leases
+
+
+def report(storage, decider, study_id, task, lease, step, value):
+    """What the report route does: store the value, then decide."""
+    storage.report(lease.point_id, lease.lease_token, step, value, study_id=study_id)
+    return decider.decide(study_id, task, lease.point_id, step, value)
+
+
+def test_asha_prunes_a_point_outranked_at_a_rung(storage):
+    sid, task, (first, second, third) = study_with(storage, ASHA, 3)
+    decider = StoppingDecider(storage, max_age=60.0)
+    assert report(storage, decider, sid, task, first, 0, 1.0) is False
+    assert report(storage, decider, sid, task, second, 0, 2.0) is True     # 2 at the rung, 2 // 2 = 1 kept
+    assert report(storage, decider, sid, task, third, 0, 0.5) is False
+    assert report(storage, decider, sid, task, first, 1, 0.5) is False     # alone at the rung at step 1
+    assert report(storage, decider, sid, task, third, 1, 0.9) is True
+    assert report(storage, decider, sid, task, third, 2, 9.0) is False     # step 2 is no rung (steps 0, 1, 3, 7)
+
+
+def test_values_reported_elsewhere_are_seen_after_max_age(storage):
+    sid, task, (first, second, third) = study_with(storage, ASHA, 3)
+    decider = StoppingDecider(storage, max_age=0.0)
+    assert report(storage, decider, sid, task, first, 0, 5.0) is False
+    # Another server process stores a better value: this process learns it from the background re-read.
+    storage.report(second.point_id, second.lease_token, 0, 1.0, study_id=sid)
+    assert report(storage, decider, sid, task, first, 1, 5.0) is False
+    assert decider.cached(sid).background.wait_idle(DECISION_TIMEOUT_S)
+    assert decider.cached(sid).trials[second.point_id].curve == {0: 1.0}
+    assert report(storage, decider, sid, task, third, 0, 3.0) is True
+
+
+class StaleSnapshot(SQLStorage):
+    """Reads the curves, then holds them back until released: a re-read overtaken by new reports."""
+
+    def __init__(self, url):
+        super().__init__(url)
+        self.hold = threading.Event()
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def intermediate_values(self, study_id):
+        curves = super().intermediate_values(study_id)
+        if self.hold.is_set():
+            self.holding.set()
+            self.release.wait(BLOCKED_FIT_LIMIT_S)
+        return curves
+
+
+def test_reports_arriving_during_a_reload_are_not_lost(tmp_path):
+    with StaleSnapshot(f"sqlite:///{tmp_path / 'stale.db'}") as store:
+        sid, task, (first, second) = study_with(store, ASHA, 2)
+        decider = StoppingDecider(store, max_age=0.0)
+        report(store, decider, sid, task, first, 0, 1.0)
+        store.hold.set()
+        report(store, decider, sid, task, first, 1, 1.0)           # stale: a re-read starts and is held
+        assert store.holding.wait(DECISION_TIMEOUT_S)
+        store.hold.clear()
+        report(store, decider, sid, task, second, 0, 3.0)          # arrives after the snapshot was read
+        store.release.set()
+        assert decider.cached(sid).background.wait_idle(DECISION_TIMEOUT_S)
+        assert decider.cached(sid).trials[second.point_id].curve == {0: 3.0}
+        assert decider.cached(sid).trials[first.point_id].curve == {0: 1.0, 1: 1.0}
+
+
+class BlockingPredictor:
+    """A predictor whose fit takes as long as the test wants, and that predicts a hopeless final value."""
+
+    fitting = threading.Event()
+    release = threading.Event()
+
+    def fit(self, hparams, curves, final):
+        self.fitting.set()
+        self.release.wait(BLOCKED_FIT_LIMIT_S)
+        return self
+
+    def predict(self, hparams, curves):
+        return [1e9 for _ in range(len(curves))]
+
+
+def test_background_retraining_does_not_block_a_decision(storage):
+    importlib.import_module("steering_container.prediction")  # a one-off import of seconds is not the point here
+    block = {"policy": "predictive", "gracePeriod": 1, "reductionFactor": 3, "maxResource": 10, "brackets": 1,
+             "minCompleted": 5}
+    sid, task, leases = study_with(storage, block, 7)
+    for lease in leases[:5]:
+        for step in range(10):
+            storage.report(lease.point_id, lease.lease_token, step, 1.0 / (step + 1), study_id=sid)
+        storage.finish(lease.point_id, lease.lease_token, PointState.DONE, 0.1)
+
+    def blocking_policy(task_):
+        return PredictiveStopping(task_.space, grace_period=1, reduction_factor=3, max_resource=10, brackets=1,
+                                  min_completed=5, predictor_factory=BlockingPredictor)
+
+    decider = StoppingDecider(storage, max_age=60.0, policy_factory=blocking_policy)
+    runner = leases[5]
+    answers = []
+
+    def decide(step, value):
+        worker = threading.Thread(target=lambda: answers.append(report(storage, decider, sid, task, runner,
+                                                                       step, value)))
+        started = time.monotonic()
+        worker.start()
+        worker.join(DECISION_TIMEOUT_S)
+        assert not worker.is_alive(), "a decision waited for the predictor's fit"
+        return answers[-1], time.monotonic() - started
+
+    try:
+        assert decide(0, 0.5)[0] is False                  # loads the study; the refit starts in the background
+        assert BlockingPredictor.fitting.wait(DECISION_TIMEOUT_S)
+        assert decide(1, 0.3)[0] is False
+        answer, seconds = decide(2, 0.2)                   # rung 3 while the fit is blocked: ASHA decides
+        assert answer is False and seconds < DECISION_TIMEOUT_S
+        assert decider.cached(sid).policy.fitted is None
+    finally:
+        BlockingPredictor.release.set()
+    assert decider.cached(sid).background.wait_idle(DECISION_TIMEOUT_S)
+    assert sorted(decider.cached(sid).policy.fitted.models) == [3, 9]
+    for step in range(3, 8):
+        assert decide(step, 0.1)[0] is False
+    assert decide(8, 0.1)[0] is True                       # rung 9: now the fitted model predicts 1e9
+
+
+# -- over HTTP ----------------------------------------------------------------------------------
+def lease_of(client, study_id, wait_for, worker="w1"):
+    return wait_for(lambda: client.ask(study_id, worker).lease, what="a lease")
+
+
+def test_asha_prunes_through_the_report_route(alice, make_task, wait_for):
+    sid = alice.create_study(make_task(nParallelEvaluation=3, hepopt={"earlyStopping": ASHA}))["id"]
+    first, second, third = (lease_of(alice, sid, wait_for, f"w{i}") for i in range(3))
+    assert alice.report(sid, first.point_id, first.lease_token, 0, 1.0) is False
+    assert alice.report(sid, second.point_id, second.lease_token, 0, 2.0) is True
+    assert alice.report(sid, third.point_id, third.lease_token, 0, 0.5) is False
+    assert alice.report(sid, first.point_id, first.lease_token, 1, 0.9) is False   # first at the rung at step 1
+    assert alice.report(sid, third.point_id, third.lease_token, 1, 0.95) is True   # 0.9 is better, 2 // 2 = 1 kept
+
+
+@pytest.mark.parametrize("block, location", [
+    ({"policy": "asha", "reductionFactor": 1}, "hepopt.earlyStopping.reductionFactor"),
+    ({"policy": "asha", "quantile": 0.2}, "hepopt.earlyStopping.quantile"),
+    ({"policy": "hyperband"}, "maxResource"),
+    ({"policy": "predictive", "predictor": "oracle"}, "hepopt.earlyStopping.predictor"),
+])
+def test_bad_stopping_settings_are_refused_naming_the_key(alice, make_task, block, location):
+    with pytest.raises(InvalidRequest, match=location.replace(".", r"\.")):
+        alice.create_study(make_task(hepopt={"earlyStopping": block}))
