@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hepopt.errors import SpecError
-from hepopt.task import _location, read_json
+from hepopt.task import read_json, validation_problems
 
 MAX_GRAPH_LAYERS = 8  # the scan uses 0..4; more is allowed but rarely sensible
 MAX_BIN_SIZE = 1024
@@ -60,7 +60,7 @@ def parse_hyperparams(data: Any, source: str | None = None) -> HyperParams:
     try:
         return HyperParams.model_validate(data)
     except ValidationError as exc:
-        raise SpecError([_location(err) for err in exc.errors()], source) from None
+        raise SpecError(validation_problems(exc), source) from None
 
 
 def load_hyperparams(path: Path) -> HyperParams:

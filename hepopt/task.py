@@ -238,7 +238,7 @@ def parse_task(data: Any, source: str | None = None, base_dir: Path | None = Non
     try:
         task = Task.model_validate(data)
     except ValidationError as exc:
-        raise SpecError([_location(err) for err in exc.errors()], source) from None
+        raise SpecError(validation_problems(exc), source) from None
     if task.searchSpaceFile is not None:
         path = Path(task.searchSpaceFile)
         if base_dir is not None and not path.is_absolute():
@@ -277,7 +277,12 @@ def read_json(path: Path, what: str) -> Any:
                         str(path)) from None
 
 
-def _location(err: dict[str, Any]) -> tuple[str, str]:
+def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """pydantic's errors as SpecError problems: (key path, plain message), as the house style reports them."""
+    return [_location(err) for err in exc.errors()]
+
+
+def _location(err: Any) -> tuple[str, str]:
     path = ""
     for part in err["loc"]:
         path = join_path(path, f"[{part}]" if isinstance(part, int) else str(part))
