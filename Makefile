@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= all,dev
 
-.PHONY: install system-deps test lint demo demo-idds bench clean
+.PHONY: install system-deps test lint demo demo-quadratic demo-idds bench clean
 
 install: $(BIN)/hepopt
 
@@ -25,7 +25,11 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
+# The main job: a small MLPF study (examples/mlpf_small), minutes on a 2-core machine.
 demo: install
+	$(BIN)/hepopt run examples/mlpf_small/task.json --workers 2
+
+demo-quadratic: install
 	$(BIN)/hepopt run examples/quadratic/task.json --workers 4
 
 demo-idds: install
