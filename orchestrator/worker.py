@@ -308,6 +308,8 @@ class PayloadRun:
         env.update({"HEPOPT_URL": self.worker.options.url, "HEPOPT_TOKEN": self.worker.options.token,
                     "HEPOPT_STUDY": str(self.study_id), "HEPOPT_TRIAL": str(self.point_id),
                     "HEPOPT_LEASE": self.token})
+        if self.task.get("evaluationMetrics"):
+            env["HEPOPT_EVALUATION_METRICS"] = str(self.task["evaluationMetrics"])
         return env
 
     def _supervise(self) -> Outcome:
