@@ -204,7 +204,8 @@ class Evaluation:
         self._log_epoch(epoch)
         if self.reporter is None or not math.isfinite(epoch.val_loss):
             return False
-        return self.reporter.report(epoch.epoch, float(epoch.val_loss))
+        # Steps are 0-based (docs/EARLY_STOPPING.md): after step s a point has trained s + 1 epochs.
+        return self.reporter.report(epoch.epoch - 1, float(epoch.val_loss))
 
     def _log_epoch(self, epoch: Any) -> None:
         self.last_epoch = epoch

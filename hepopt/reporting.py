@@ -52,7 +52,7 @@ class Reporter:
         return cls(client, int(env[ENV_STUDY]), int(env[ENV_TRIAL]), env[ENV_LEASE])
 
     def report(self, step: int, value: float) -> bool:
-        """Send the value at ``step``; True means stop now (pruned, or the lease was lost)."""
+        """Send the value at 0-based ``step`` (epoch index); True means stop now (pruned, or lease lost)."""
         try:
             return self.client.report(self.study_id, self.point_id, self.lease_token, step, value)
         except StaleLease:

@@ -20,6 +20,8 @@ EXAMPLE = REPO / "examples" / "mlpf_small" / "task.json"
 RUN_TIMEOUT_S = 600
 POINTS = 3
 #: One tiny model; bin_size 512 pads every toy event (≤ 400 elements) to one shape, so each step traces once.
+#: Grid order: a learning rate that trains, then two that cannot move the loss in one epoch.
+LEARNING_RATES = [3e-3, 1e-7, 1e-8]
 TINY_FIXED = {"num_graph_layers_id": 1, "num_graph_layers_reg": 1, "dropout": 0.0, "bin_size": 512,
               "output_dim": 16, "weight_decay": 1e-6, "batch_size": 4, "epochs": 2}
 
@@ -29,37 +31,43 @@ def _fixed(value: object) -> dict[str, object]:
 
 
 def _tiny_task(tmp_path: Path) -> Path:
-    """The example with its search space pinned except lr, 3 points, 10 events, and no early stopping (so
-    every point must end DONE)."""
+    """The example shrunk to 3 grid points run one after another: a good learning rate first, then two
+    that barely move the weights. ASHA's one rung (after epoch 1, keep the best half) must therefore let
+    the first point finish and prune the other two, whatever the machine's timing."""
     task = json.loads(EXAMPLE.read_text())
-    task["searchSpace"].update({name: _fixed(value) for name, value in TINY_FIXED.items()})
+    task["searchSpace"] = {name: _fixed(value) for name, value in TINY_FIXED.items()}
+    task["searchSpace"]["lr"] = {"method": "categorical", "dimension": {"categories": LEARNING_RATES}}
     task["evaluationExec"] += " --max-events 10"
     task["maxPoints"] = POINTS
-    task["hepopt"]["earlyStopping"] = {"policy": "none"}
+    task["hepopt"]["method"] = "grid"
+    task["hepopt"]["earlyStopping"] = {"policy": "asha", "gracePeriod": 1, "reductionFactor": 2,
+                                       "maxResource": TINY_FIXED["epochs"]}
     path = tmp_path / "task.json"
     path.write_text(json.dumps(task))
     return path
 
 
-def test_hepopt_run_of_a_three_point_mlpf_study(tmp_path: Path) -> None:
+def test_hepopt_run_of_a_three_point_mlpf_study_prunes_the_poor_points(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HEPOPT_", "MLFLOW_"))}
     env["HEPOPT_DATA_DIR"] = str(tmp_path / "cache")
     runs = tmp_path / "runs"
-    result = subprocess.run([sys.executable, "-m", "hepopt", "run", str(_tiny_task(tmp_path)), "--workers", "2",
+    result = subprocess.run([sys.executable, "-m", "hepopt", "run", str(_tiny_task(tmp_path)), "--workers", "1",
                              "--runs-dir", str(runs)], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=RUN_TIMEOUT_S, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     [db] = list(runs.glob("*/hepopt.db"))
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         states = conn.execute("SELECT state, loss FROM points ORDER BY number").fetchall()
-    assert [state for state, _ in states] == ["done"] * POINTS, (states, result.stdout)
-    assert len({loss for _, loss in states}) == POINTS, "three different lr values give three losses"
+    assert [state for state, _ in states] == ["done", "pruned", "pruned"], (states, result.stdout)
+    assert states[0][1] < min(loss for _, loss in states[1:]), states
 
     outputs = sorted(db.parent.glob("workers/worker-*/point*/output.json"))
     assert len(outputs) == POINTS
+    docs = [json.loads(output.read_text()) for output in outputs]
+    assert all(doc["status"] == 0 for doc in docs), docs
+    messages = sorted(doc["message"] for doc in docs)
+    assert messages[:2] == ["pruned at epoch 1"] * 2 and messages[2].startswith("trained 2 epoch(s)"), docs
     for output in outputs:
-        doc = json.loads(output.read_text())
-        assert doc["status"] == 0 and "trained 2 epoch(s)" in doc["message"], doc
         assert "default toy dataset" in (output.parent / "payload.log").read_text()
         with tarfile.open(output.parent / "metrics.tgz") as tar:
             assert any(name.endswith("metrics/val_loss") for name in tar.getnames())

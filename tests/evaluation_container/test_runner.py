@@ -193,7 +193,7 @@ def test_pruned_when_a_real_orchestrator_says_so(tmp_path: Path, toy_files: list
         worker_token = user.create_worker_token(study)
         with Client(server.url, worker_token) as worker:
             peer, mine = _lease(worker, study, "peer"), _lease(worker, study, "mine")
-            for step in (1, 2, 3):
+            for step in (0, 1, 2):
                 worker.report(study, peer.point_id, peer.lease_token, step, 1e-6)
             for name, value in (("HEPOPT_URL", server.url), ("HEPOPT_TOKEN", worker_token),
                                 ("HEPOPT_STUDY", str(study)), ("HEPOPT_TRIAL", str(mine.point_id)),
@@ -204,9 +204,9 @@ def test_pruned_when_a_real_orchestrator_says_so(tmp_path: Path, toy_files: list
             curves = server.storage.intermediate_values(study)
     assert code == 0
     doc = _output(work)
-    assert doc == {"status": 0, "loss": pytest.approx(curves[mine.point_id][1]), "pruned": True,
+    assert doc == {"status": 0, "loss": pytest.approx(curves[mine.point_id][0]), "pruned": True,
                    "message": "pruned at epoch 1"}, doc
-    assert sorted(curves[mine.point_id]) == [1], "the payload reports once per epoch and stops when told"
+    assert sorted(curves[mine.point_id]) == [0], "the payload reports epoch 1 as step 0 and stops when told"
     assert [step for step, _ in _metric_steps(_run_dir(work), "val_loss")] == [1]
     assert (_run_dir(work) / "tags" / "hepopt.state").read_text() == "pruned"
 
