@@ -156,17 +156,30 @@ class Curves:
     dropped: int
 
 
-def load_curves(path: Path = CURVES_PATH) -> Curves:
-    """Read the CSV, dropping the outlier; FileNotFoundError saying where the file should be."""
+def read_curve_rows(path: Path, needed: Sequence[str], user: str) -> tuple[list[dict[str, str]], int]:
+    """The CSV's rows without the outlier, and how many were dropped; every benchmark reads it here.
+
+    A missing file raises FileNotFoundError saying where it should be (``user`` names who needs it); an
+    empty file or missing columns raise ValueError naming the file and the columns.
+    """
     if not path.is_file():
-        raise FileNotFoundError(f"MLPF learning curves not found at {path}: the MLPF objective needs "
-                                "mlpf_delphes_296.csv (see the README.md of that folder); pass --curves PATH")
+        raise FileNotFoundError(f"MLPF learning curves not found at {path}: {user} needs mlpf_delphes_296.csv "
+                                "(see the README.md of that folder); pass --curves PATH")
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
+    missing = [column for column in (*needed, TARGET_COLUMN) if not rows or column not in rows[0]]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}" + ("" if rows else " (empty file)"))
     kept = [r for r in rows if float(r[TARGET_COLUMN]) <= OUTLIER_FINAL_LOSS]
+    return kept, len(rows) - len(kept)
+
+
+def load_curves(path: Path = CURVES_PATH) -> Curves:
+    """The kept trainings' hyperparameters and final losses, for the MLPF surrogate."""
+    kept, dropped = read_curve_rows(path, list(CSV_COLUMNS.values()), "the MLPF objective")
     params = [{name: float(r[column]) for name, column in CSV_COLUMNS.items()} for r in kept]
     losses = np.array([float(r[TARGET_COLUMN]) for r in kept])
-    return Curves(params, losses, len(rows) - len(kept))
+    return Curves(params, losses, dropped)
 
 
 def range_mismatches(curves: Curves, space: SearchSpace) -> list[str]:

@@ -26,7 +26,6 @@ the bootstrap interval of the mean paired difference lies within ±``--margin`` 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
@@ -45,10 +44,10 @@ from steering_container.stopping import StoppingPolicy, TrialView, make_policy
 
 try:
     from benchmarks.mlpf_space import MLPF_SPACE
-    from benchmarks.objectives import CSV_COLUMNS, CURVES_PATH, OUTLIER_FINAL_LOSS
+    from benchmarks.objectives import CSV_COLUMNS, CURVES_PATH, read_curve_rows
 except ModuleNotFoundError:  # run as a script: benchmarks/ itself is on sys.path
     from mlpf_space import MLPF_SPACE  # type: ignore[no-redef]
-    from objectives import CSV_COLUMNS, CURVES_PATH, OUTLIER_FINAL_LOSS  # type: ignore[no-redef]
+    from objectives import CSV_COLUMNS, CURVES_PATH, read_curve_rows  # type: ignore[no-redef]
 
 #: Epochs of every training in the data: a trial that reaches it is completed.
 MAX_RESOURCE = 100
@@ -119,17 +118,8 @@ class Comparison:
 
 def load_learning_curves(path: Path = CURVES_PATH) -> LearningCurves:
     """The CSV without its outlier; FileNotFoundError saying where the file should be."""
-    if not path.is_file():
-        raise FileNotFoundError(f"MLPF learning curves not found at {path}: the replay needs mlpf_delphes_296.csv "
-                                "(see the README.md of that folder); pass --curves PATH")
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
     loss_columns = [f"loss_{epoch}" for epoch in range(MAX_RESOURCE)]
-    missing = [c for c in (*CSV_COLUMNS.values(), *loss_columns) if rows and c not in rows[0]]
-    if not rows or missing:
-        raise ValueError(f"{path}: expected the columns {list(CSV_COLUMNS.values())} and loss_0..loss_99; "
-                         f"missing {missing or 'all (empty file)'}")
-    kept = [r for r in rows if float(r[loss_columns[-1]]) <= OUTLIER_FINAL_LOSS]
+    kept, _ = read_curve_rows(path, [*CSV_COLUMNS.values(), *loss_columns], "the replay")
     params = [{name: _space_value(name, float(r[column])) for name, column in CSV_COLUMNS.items()} for r in kept]
     curves = np.array([[float(r[c]) for c in loss_columns] for r in kept])
     return LearningCurves(params, curves, curves[:, -1].copy())

@@ -6,7 +6,7 @@ erwulff/performance-pred, data/mlpf/delphes_trainings_processed.csv, Apache Lice
 
 ``--part accuracy`` (the seed paper's R² table, DESIGN.md §5). Protocol, exactly:
 
-* The one outlier (final loss 597.3 > ``OUTLIER_FINAL_LOSS``) is dropped, as in the published studies:
+* The one outlier (final loss 597.3 > ``objectives.OUTLIER_FINAL_LOSS``) is dropped, as in the published studies:
   295 curves remain, in file order.
 * Inputs: the 7 hyperparameters as in the file and the losses after epochs 0, 2, …, 24 (every second of
   the first 25 epochs, 13 values); the predictors add first and second differences. Target: the loss
@@ -56,7 +56,6 @@ script does not know are passed on to it. ``--part all`` runs both.
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import itertools
 import json
@@ -74,7 +73,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 if str(REPOSITORY) not in sys.path:  # run as a script: make the repository's packages importable
     sys.path.insert(0, str(REPOSITORY))
 
-from benchmarks.objectives import CURVES_PATH, OUTLIER_FINAL_LOSS  # noqa: E402
+from benchmarks.objectives import CURVES_PATH, read_curve_rows  # noqa: E402
 from steering_container.prediction import CurvePredictor, make_predictor  # noqa: E402
 
 HPARAM_COLUMNS = ("bin_size", "dropout", "lr", "n_glayers_id", "n_glayers_reg", "output_dim", "weight_decay")
@@ -149,19 +148,11 @@ ENTRIES = (
 # --- data and splits --------------------------------------------------------------------------------
 def load_curves(path: Path = CURVES_PATH) -> Curves:
     """The CSV without its outlier; FileNotFoundError / ValueError naming the file and what is wrong."""
-    if not path.is_file():
-        raise FileNotFoundError(f"MLPF learning curves not found at {path}: the benchmark needs mlpf_delphes_296.csv "
-                                "(see the README.md of that folder); pass --curves PATH")
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    needed = [*HPARAM_COLUMNS, *(f"loss_{e}" for e in OBSERVED_EPOCHS), TARGET_COLUMN]
-    missing = [c for c in needed if not rows or c not in rows[0]]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}")
-    kept = [r for r in rows if float(r[TARGET_COLUMN]) <= OUTLIER_FINAL_LOSS]
+    needed = [*HPARAM_COLUMNS, *(f"loss_{e}" for e in OBSERVED_EPOCHS)]
+    kept, dropped = read_curve_rows(path, needed, "the benchmark")
     return Curves(np.array([[float(r[c]) for c in HPARAM_COLUMNS] for r in kept]),
                   np.array([[float(r[f"loss_{e}"]) for e in OBSERVED_EPOCHS] for r in kept]),
-                  np.array([float(r[TARGET_COLUMN]) for r in kept]), len(rows) - len(kept))
+                  np.array([float(r[TARGET_COLUMN]) for r in kept]), dropped)
 
 
 def split(n_curves: int, seed: int, training: int) -> tuple[np.ndarray, np.ndarray]:
