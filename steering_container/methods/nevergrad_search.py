@@ -13,6 +13,12 @@ with "tell not asked" and asks for new points:
   BFGS, ...), which get one worker and are told the liar for each point they propose, since they wait for a
   loss before proposing the next. ``budget`` is what is replayed plus this batch and one more: the study's
   real budget is unknown to steering, and NGOpt's choice of optimiser follows what it is actually told.
+* "Not asked" points inform DE (they replace its worst member: it keeps the best points as its population)
+  and the (1+1) family (NGOpt's choice on any space with a categorical: its best point and step size) as
+  they are; CMA drops them, so it gets them through candidates it asked for (see ``_replayed``). Replaying
+  DE and the (1+1) that way too (DE would then rotate the parent it breeds from and a (1+1) would count its
+  asks, as in a stateful run) changed the MLPF quality benchmark by less than its noise and made a call on
+  1,000 points 60 to 100 % slower, so they are not.
 * Optimisers that refuse replayed points, need a package that is not installed or break on the space end in
   a SpecError on ``method`` that names them.
 
@@ -23,7 +29,8 @@ each node, each Scalar is three nodes (itself, its ``parameters`` dict, its ``si
 categories is k + 5. Hence:
 
 * dimensions of one kind share one nevergrad ``Array`` (per-element bounds and sigma, log kinds in log
-  space exactly as ``ng.p.Log`` does, one integer-cast array for ``uniformint``), and an unordered
+  space, bounded ones sampled uniformly between their bounds, exactly as ``ng.p.Scalar`` and ``ng.p.Log``
+  with both bounds do; one integer-cast array for ``uniformint``), and an unordered
   categorical is the weight array inside ``ng.p.Choice`` (``Choice(...).indices``: the same softmax layer
   and arity that nevergrad analyses, without a node per category); the MLPF space drops from 43 nodes to 13;
 * history values are converted to standardized data in one vectorised nevergrad call per group, and each
@@ -31,8 +38,9 @@ categories is k + 5. Hence:
 * wrappers that only delegate (NGOpt and the other competence maps, CMA) are bypassed: their selected
   optimiser is told directly, which halves the work;
 * ``Choice`` is deterministic (argmax of its weights): a replayed point means exactly its category, and on
-  MLPF NGOpt picks DiscreteLenglerOnePlusOne instead of the CMandAS2 portfolio it picks when choices are
-  drawn at random (nevergrad then treats the function as noisy).
+  MLPF NGOpt picks DiscreteLenglerOnePlusOne, whatever the budget and batch, instead of DiscreteBSOOnePlusOne
+  (one worker; its mutation rate follows the study's budget, which steering does not know) or the CMandAS2
+  portfolio (two or more) that it picks when choices are drawn at random (it then deems the function noisy).
 
 Even so nevergrad costs 1.5 to 2 ms per told point (4 to 5 ms for CMA, whose every tell rebuilds a
 ``p.helpers.Normalizer``), so at most ``REPLAY_LIMIT`` completed points are told: the ``REPLAY_ELITES`` best plus
@@ -310,14 +318,17 @@ class _NumericGroup:
         self.sigma = (self.upper - self.lower) / SIGMAS_PER_RANGE
 
     def parameter(self, rows: int = 1) -> ng.p.Array:
-        """The group's parameter, or for ``rows`` > 1 one holding that many copies side by side."""
+        """The group's parameter, or for ``rows`` > 1 one holding that many copies side by side.
+
+        Bounded groups sample uniformly between their bounds (log-uniformly for log kinds), as ``ng.p.Scalar``
+        and ``ng.p.Log`` with both bounds do: ``ng.p.Array(init=..., lower=..., upper=...)`` would instead sample
+        around ``init`` with the mutation sigma, and optimisers that start from samples (DE's first population)
+        would then hardly ever look near the bounds.
+        """
         tile = functools.partial(np.tile, reps=rows)
-        if self.lower is None:
-            param = ng.p.Array(init=tile(self.init), mutable_sigma=False)
-        else:
-            param = ng.p.Array(init=tile(self.init), lower=tile(self.lower), upper=tile(self.upper),
-                               mutable_sigma=False)
-        param.set_mutation(sigma=tile(self.sigma))
+        param = ng.p.Array(init=tile(self.init), mutable_sigma=False).set_mutation(sigma=tile(self.sigma))
+        if self.lower is not None:
+            param.set_bounds(tile(self.lower), tile(self.upper), full_range_sampling=True)
         return param.set_integer_casting() if self.sort == "integer" else param
 
     def standardize(self, flats: Sequence[dict[str, Any]]) -> np.ndarray:

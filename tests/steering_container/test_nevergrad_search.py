@@ -75,7 +75,8 @@ def test_every_point_of_a_tiny_space_is_proposed_once():
                Observation(grid[2], None, "failed"), Observation(grid[3], 0.0)]
     remaining = {space.key(p) for p in grid[4:]}
     for optimizer in OPTIMIZERS:
-        own = propose_nevergrad(optimizer, make_problem(space, history, seed=1), 5)
+        # a (1+1) whose mutations keep landing on known points may find nothing new in one call: a few seeds
+        own = [f for seed in range(4) for f in propose_nevergrad(optimizer, make_problem(space, history, seed), 5)]
         assert own and {space.key(f) for f in own} <= remaining
         points = propose(space, history, 5, f"nevergrad:{optimizer}", seed=1)
         assert {space.key(space.flatten(p)) for p in points} == remaining
@@ -168,3 +169,58 @@ def test_one_plus_one_searches_around_the_best_observed_point():
             near += math.dist((point["x"], point["y"]), (target["x"], target["y"])) < radius
             total += 1
     assert near / total > 0.3
+
+
+def test_bounded_dimensions_are_sampled_over_their_whole_range():
+    """Optimisers that start from samples (DE's first population) must reach the bounds as random search does."""
+    space = SearchSpace.parse({
+        "lr": {"method": "loguniform", "dimension": {"low": 1e-6, "high": 1e-1}},
+        "dropout": {"method": "uniform", "dimension": {"low": 0.0, "high": 0.5}},
+        "layers": {"method": "uniformint", "dimension": {"low": 0, "high": 5}},
+    })
+    encoding = Encoding(space)
+    parametrization = encoding.parametrization(seed=0)
+    draws = [encoding.decode(parametrization.sample().value) for _ in range(600)]
+    # uniform sampling puts a third of the draws in the outer sixths; sampling around the middle with the
+    # mutation sigma (range / 6) would put about 5 % there
+    assert sum(d["lr"] < 1e-5 or d["lr"] > 1e-2 for d in draws) / len(draws) > 0.25
+    assert sum(not 1 / 12 <= d["dropout"] <= 5 / 12 for d in draws) / len(draws) > 0.25
+    assert {d["layers"] for d in draws} == set(range(6))
+
+
+def replayed_learner(optimizer, size):
+    """The optimiser nevergrad_search tells (NGOpt's choice) after the replay of ``size`` done points, the
+    losses told, and a function telling whether a candidate is one of the replayed points."""
+    space = SearchSpace.parse({f"x{i}": {"method": "uniform", "dimension": {"low": 0, "high": 1}} for i in range(4)})
+    rng = random.Random(0)
+    history = [Observation(p, sum(p.values())) for p in (space.sample(rng) for _ in range(size))]
+    encoding = Encoding(space)
+    parametrization = encoding.parametrization(seed=0)
+    _, learner, _ = nevergrad_search._make_optimizer(optimizer, parametrization, size + 2, 1)
+    plan = replay_plan(make_problem(space, history, seed=0))
+    for row, (_, loss) in zip(encoding.standardize([flat for flat, _ in plan]), plan, strict=True):
+        learner.tell(nevergrad_search._replayed(learner, parametrization, row), loss)
+
+    def in_history(candidate):
+        point = encoding.decode(candidate.value)
+        return any(all(math.isclose(point[k], flat[k], rel_tol=1e-9) for k in flat) for flat, _ in plan)
+
+    return learner, [loss for _, loss in plan], in_history
+
+
+def test_differential_evolution_keeps_the_best_replayed_points_as_its_population():
+    learner, losses, in_history = replayed_learner("TwoPointsDE", 45)
+    population = list(learner.population.values())
+    assert len(population) == learner.llambda == 30 and all(in_history(c) for c in population)
+    assert sorted(c.loss for c in population) == sorted(losses)[:30]
+
+
+def test_one_plus_one_mutates_the_best_replayed_point():
+    learner, losses, in_history = replayed_learner("DiscreteLenglerOnePlusOne", 20)
+    best = learner.current_bests["pessimistic"].parameter
+    assert in_history(best) and best.loss == min(losses)
+
+
+def test_cma_updates_its_distribution_from_the_history():
+    learner, _, _ = replayed_learner("CMA", 24)
+    assert learner.es.countevals == 24 - 24 % learner.es.popsize
