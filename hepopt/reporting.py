@@ -7,8 +7,10 @@ reads::
 
     reporter = Reporter.from_env()
     ...
-    if reporter and reporter.report(epoch, val_loss):
-        break  # pruned: write output.json and exit
+    for epoch in range(epochs):          # steps are 0-based epoch indices
+        ...
+        if reporter and reporter.report(epoch, val_loss):
+            break  # pruned: write output.json and exit
 """
 
 from __future__ import annotations
