@@ -21,7 +21,6 @@ deterministic ops, so two runs on one platform reach the same loss.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import statistics
@@ -35,6 +34,7 @@ from typing import Any
 from evaluation_container.data.format import EVENTS_PER_FILE
 from evaluation_container.data.generator import DEFAULT_MAX_ELEMENTS, DEFAULT_MIN_ELEMENTS
 from hepopt.errors import SpecError
+from hepopt.files import write_json_atomically
 
 #: The reference configuration every benchmark trains (the published scan's middle: 2+2 graph layers).
 REFERENCE_MODEL: dict[str, Any] = {"lr": 1e-3, "num_graph_layers_id": 2, "num_graph_layers_reg": 2, "dropout": 0.0,
@@ -126,9 +126,7 @@ def hepscore_report(history: list[Any], started: float, stopped: float, gpus: in
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_json_atomically(path, report, indent=2)
 
 
 def cpu_count() -> int:

@@ -39,6 +39,7 @@ from typing import Any
 
 from evaluation_container.tracking import DEFAULT_EXPERIMENT, MLRUNS_DIR, PREEMPTED, RunLogger, tar_directory
 from hepopt.errors import SpecError
+from hepopt.files import write_json_atomically
 from hepopt.reporting import ENV_STUDY, ENV_TRIAL, Reporter
 
 STATUS_OK = 0
@@ -104,9 +105,7 @@ def run_hpo(options: RunOptions) -> int:
 
 def write_output(path: Path, outcome: Outcome) -> None:
     """Atomically, so a reader never sees half a result."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(outcome.document()) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_json_atomically(path, outcome.document())
 
 
 def read_point(path: Path) -> Any:

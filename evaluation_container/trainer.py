@@ -26,7 +26,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hepopt.errors import HepoptError
+from hepopt.files import atomic_writer
 
 from .config import HyperParams, load_hyperparams
 from .data.reader import iter_events, resolve_files
@@ -441,16 +441,8 @@ class CheckpointStore:
                   for i, v in enumerate(variables)}
         arrays[self.META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         self.directory.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=f".{CHECKPOINT_FILE}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                np.savez(stream, **arrays)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        with atomic_writer(self.path) as stream:
+            np.savez(stream, **arrays)
         _fsync_directory(self.directory)
 
     def load(self) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:

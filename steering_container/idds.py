@@ -9,15 +9,13 @@ failed point can be marked without inventing a loss; without it a number means d
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hepopt.errors import SpecError
+from hepopt.files import write_json_atomically
 from hepopt.space import SearchSpace
 from steering_container.api import STATES, Observation
 
@@ -116,15 +114,5 @@ def format_output(results: list[tuple[Any, list[dict[str, Any]]]], segmented: bo
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write via a temporary file, fsync and rename: readers see the old file or the whole new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """The %OUT / %IN file, written atomically (iDDS treats a half file as a failure)."""
+    write_json_atomically(path, data)

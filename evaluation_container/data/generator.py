@@ -28,15 +28,14 @@ Towers come first in an event, then tracks. Each file draws from its own generat
 from __future__ import annotations
 
 import bz2
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hepopt.errors import SpecError
+from hepopt.files import write_atomically
 
 from . import format as fmt
 from .reader import Event
@@ -44,7 +43,6 @@ from .reader import Event
 GENERATOR_VERSION = 1
 PICKLE_PROTOCOL = 4
 BZ2_LEVEL = 9
-FILE_MODE = 0o644  # mkstemp's 0600 would hide shared datasets from other users
 DEFAULT_MIN_ELEMENTS = 100
 DEFAULT_MAX_ELEMENTS = 400
 
@@ -365,19 +363,6 @@ def encode_events(events: list[Event]) -> bytes:
     """The file content: a bz2 pickle of ``{"X": [...], "ygen": [...], "ycand": [...]}``."""
     content = {key: [getattr(event, key) for event in events] for key in fmt.KEYS}
     return bz2.compress(pickle.dumps(content, protocol=PICKLE_PROTOCOL), compresslevel=BZ2_LEVEL)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.chmod(temporary, FILE_MODE)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def check_settings(files: int, events_per_file: int, seed: int, min_elements: int, max_elements: int) -> None:

@@ -24,6 +24,7 @@ from evaluation_container.data import (
 from evaluation_container.data import format as fmt
 from evaluation_container.data import generator as gen
 from hepopt.errors import HepoptError
+from hepopt.files import write_atomically
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = {"events_per_file": 5, "min_elements": 30, "max_elements": 60}
@@ -70,7 +71,7 @@ def test_files_follow_zenodo_names(tmp_path):
 def test_round_trip_generator_to_reader(tmp_path):
     events = generate_events(np.random.default_rng(3), 4, 50, 80)
     path = tmp_path / fmt.file_name(0)
-    gen.write_atomically(path, gen.encode_events(events))
+    write_atomically(path, gen.encode_events(events))
     back = read_file(path)
     assert len(back) == 4
     for written, read in zip(events, back, strict=True):
