@@ -10,20 +10,29 @@ for a fixed time against
 
 Each configuration runs on a fresh database, empty or already holding 10,000 finished points with 10
 intermediate values each (bulk-loaded with SQL: both public APIs need about a tenth of a second per
-point on this machine). Printed per configuration: cycles/s of both, their ratio, ask latency
-p50/p99 (asks that leased a point), CPU milliseconds per cycle (hepopt: server + client processes;
-Optuna: its one process), waits and errors. The clients share the machine with the server, so on a
-small machine their CPU is part of the price. Targets: ratio ≥ 10 at C = 32 on SQLite, p99 ask < 50 ms.
+point on this machine). Every client thread first runs one untimed cycle (its connections opened, its
+token's grant cached: a worker's steady state), then the clock starts for all. Printed per
+configuration: cycles/s of both, their ratio, ask latency p50/p99 (asks that leased a point), CPU
+milliseconds per cycle (hepopt: server + client processes; Optuna: its one process), waits and
+errors. The clients share the machine with the server, so on a small machine their CPU is part of the
+price. Targets: ratio ≥ 10 at C = 32 on SQLite, p99 ask < 50 ms.
 
 ``--ceiling`` adds, per configuration, the rate of the same C clients calling ``GET /health`` on the
-same server: what FastAPI + uvicorn + requests manage here with no storage at all, expressed as
-cycles/s (requests/s divided by the REQUESTS_PER_CYCLE requests of a cycle).
+same server: what FastAPI + uvicorn + the client's transport manage here with no storage at all,
+expressed as cycles/s (requests/s divided by the REQUESTS_PER_CYCLE requests of a cycle); the worker
+routes (ask, report, tell) bypass FastAPI's routing, so cycles can beat this ceiling.
 
     python benchmarks/orchestrator_throughput.py                      # SQLite, C = 1, 8, 32
     python benchmarks/orchestrator_throughput.py --db postgres        # a private PostgreSQL cluster (initdb)
     python benchmarks/orchestrator_throughput.py --db postgresql://me@dbhost/postgres
     python benchmarks/orchestrator_throughput.py --concurrency 32 --preload 0 --seconds 5 --ceiling
     python benchmarks/orchestrator_throughput.py --workers 2                 # two server processes
+    python benchmarks/orchestrator_throughput.py --client-processes 4        # hepopt's clients in 4 processes
+
+By default the C hepopt clients are threads of this one process, as Optuna's are; real workers are
+separate processes, and threads of one process also wait for each other's interpreter lock, which adds to
+every latency they measure. ``--client-processes P`` spreads the C clients over P forked processes
+(their CPU is counted all the same).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import argparse
 import contextlib
 import datetime
 import getpass
+import multiprocessing
 import os
 import platform
 import pwd
@@ -52,6 +62,8 @@ from typing import Any
 import requests
 
 REPORTS_PER_CYCLE = 10
+#: Untimed cycles a client may try before the clock starts (its first cycle, which opens connections).
+WARM_UP_TRIES = 20
 REQUESTS_PER_CYCLE = REPORTS_PER_CYCLE + 2
 PRELOAD_POINTS = 10_000
 CONCURRENCY = (1, 8, 32)
@@ -129,32 +141,46 @@ def process_cpu_seconds(pid: int | None = None) -> float:
     return total
 
 
-def run_threads(concurrency: int, seconds: float, cycle_loop: Callable[[int, float, Tally], None],
-                server_pid: int | None = None) -> Result:
-    """Start ``concurrency`` threads together; each runs cycles until the deadline, then finishes its cycle.
+#: A cycle loop: ``loop(index, start, tally)`` warms up, calls ``start()`` (which waits for every
+#: thread and returns the deadline), then runs cycles until the deadline, merging its counts into tally.
+CycleLoop = Callable[[int, Callable[[], float], Tally], None]
 
-    The CPU time of this process and of the server (if any) over the run is recorded in the result."""
+
+def run_threads(concurrency: int, seconds: float, cycle_loop: CycleLoop, server_pid: int | None = None,
+                synchronize: Callable[[], object] | None = None) -> Result:
+    """Run ``concurrency`` threads of ``cycle_loop``; the clock starts once every thread has warmed up
+    (its first cycle, untimed: connections opened, caches filled, as in a worker's steady state) and,
+    if given, ``synchronize()`` returned. Each thread then runs cycles until the deadline and finishes
+    its last one.
+
+    The CPU time of this process and of the server (if any) from the start is recorded in the result."""
     tally = Tally()
-    cpu_before = process_cpu_seconds()
-    server_before = process_cpu_seconds(server_pid) if server_pid else 0.0
-    barrier = threading.Barrier(concurrency + 1)
-    starts: list[float] = []
+    marks: dict[str, float] = {}
 
-    def body(index: int) -> None:
+    def begin() -> None:  # run by the last thread to warm up, before any thread goes on
+        if synchronize is not None:
+            synchronize()
+        marks["cpu"] = process_cpu_seconds()
+        marks["server"] = process_cpu_seconds(server_pid) if server_pid else 0.0
+        marks["start"] = time.perf_counter()
+
+    barrier = threading.Barrier(concurrency, action=begin, timeout=SERVER_START_TIMEOUT_S)
+
+    def start() -> float:
         barrier.wait()
-        cycle_loop(index, starts[0] + seconds, tally)
+        return marks["start"] + seconds
 
-    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(concurrency)]
+    threads = [threading.Thread(target=cycle_loop, args=(i, start, tally), daemon=True) for i in range(concurrency)]
     for thread in threads:
         thread.start()
-    starts.append(time.perf_counter())
-    barrier.wait()
     for thread in threads:
         thread.join()
-    tally.result.seconds = time.perf_counter() - starts[0]
-    tally.result.cpu_seconds = process_cpu_seconds() - cpu_before
+    if "start" not in marks:
+        raise RuntimeError(f"the clients never started: {tally.result.errors[:3]}")
+    tally.result.seconds = time.perf_counter() - marks["start"]
+    tally.result.cpu_seconds = process_cpu_seconds() - marks["cpu"]
     if server_pid:
-        tally.result.server_cpu_seconds = process_cpu_seconds(server_pid) - server_before
+        tally.result.server_cpu_seconds = process_cpu_seconds(server_pid) - marks["server"]
     return tally.result
 
 
@@ -183,6 +209,7 @@ def prepare_hepopt(url: str, concurrency: int, preload: int) -> tuple[int, str]:
         study = storage.create_study("bench", parse_task(hepopt_task(concurrency, preload)), name="bench")
         if preload:
             preload_hepopt(storage, study.id, preload)
+            settle_database(url)
         return study.id, token
     finally:
         storage.close()
@@ -238,8 +265,44 @@ def _healthy(base: str) -> bool:
         return False
 
 
+def run_client_processes(concurrency: int, seconds: float, cycle_loop: CycleLoop, server_pid: int,
+                         processes: int) -> Result:
+    """:func:`run_threads` with the ``concurrency`` threads split over ``processes`` forked processes,
+    started together; their results merged (client CPU is each process's own)."""
+    if processes <= 1:
+        return run_threads(concurrency, seconds, cycle_loop, server_pid=server_pid)
+    context = multiprocessing.get_context("fork")
+    shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+    parts = [(share, sum(shares[:i])) for i, share in enumerate(shares) if share]
+    results = context.SimpleQueue()
+    barrier = context.Barrier(len(parts) + 1)
+
+    def client(share: int, offset: int) -> None:
+        results.put(run_threads(share, seconds, lambda i, start, tally: cycle_loop(offset + i, start, tally),
+                                synchronize=barrier.wait))
+
+    children = [context.Process(target=client, args=part) for part in parts]
+    for child in children:
+        child.start()
+    barrier.wait(SERVER_START_TIMEOUT_S)  # every client process has warmed up
+    server_before = process_cpu_seconds(server_pid)
+    started = time.perf_counter()
+    merged = Result()
+    for part in (results.get() for _ in children):
+        merged.cycles += part.cycles
+        merged.waits += part.waits
+        merged.errors += part.errors
+        merged.ask_seconds += part.ask_seconds
+        merged.cpu_seconds += part.cpu_seconds
+    for child in children:
+        child.join()
+    merged.seconds = time.perf_counter() - started
+    merged.server_cpu_seconds = process_cpu_seconds(server_pid) - server_before
+    return merged
+
+
 def bench_hepopt(url: str, workdir: Path, concurrency: int, preload: int, seconds: float,
-                 ceiling: bool = False, workers: int = 1) -> tuple[Result, Result | None]:
+                 ceiling: bool = False, workers: int = 1, client_processes: int = 1) -> tuple[Result, Result | None]:
     """The cycles against a fresh server, and (with ``ceiling``) the /health rate on that same server."""
     from hepopt.client import Client
 
@@ -249,11 +312,11 @@ def bench_hepopt(url: str, workdir: Path, concurrency: int, preload: int, second
         worker_token = owner.create_worker_token(study_id)
         _wait_for_points(owner, study_id, preload + concurrency)
 
-        def loop(index: int, deadline: float, tally: Tally) -> None:
+        def loop(index: int, start: Callable[[], float], tally: Tally) -> None:
             with Client(base, worker_token) as client:
-                _hepopt_cycles(client, study_id, f"bench-{index}", deadline, tally)
+                _hepopt_cycles(client, study_id, f"bench-{index}", start, tally)
 
-        result = run_threads(concurrency, seconds, loop, server_pid=pid)
+        result = run_client_processes(concurrency, seconds, loop, pid, client_processes)
         return result, (bench_ceiling(base, pid, concurrency, seconds) if ceiling else None)
 
 
@@ -262,11 +325,13 @@ def bench_ceiling(base: str, pid: int, concurrency: int, seconds: float) -> Resu
     result counts requests as ``cycles``: divide its rate by REQUESTS_PER_CYCLE to compare with a cycle's."""
     from hepopt.client import HttpTransport
 
-    def loop(_index: int, deadline: float, tally: Tally) -> None:
+    def loop(_index: int, start: Callable[[], float], tally: Tally) -> None:
         done = 0
         errors: list[str] = []
         transport = HttpTransport(base, None)
         try:
+            transport.request("GET", "/health")
+            deadline = start()
             while time.perf_counter() < deadline:
                 status = transport.request("GET", "/health").status_code
                 done += status == HTTPStatus.OK
@@ -290,27 +355,44 @@ def _wait_for_points(client: Any, study_id: int, n: int) -> None:
     raise RuntimeError("steering never supplied points")
 
 
-def _hepopt_cycles(client: Any, study_id: int, worker_id: str, deadline: float, tally: Tally) -> None:
+def _hepopt_cycles(client: Any, study_id: int, worker_id: str, start: Callable[[], float], tally: Tally) -> None:
     cycles = waits = 0
     asks: list[float] = []
     errors: list[str] = []
+    try:
+        for _ in range(WARM_UP_TRIES):
+            if _hepopt_cycle(client, study_id, worker_id) is not None:
+                break
+    except Exception as exc:
+        errors.append(f"warm-up: {type(exc).__name__}: {exc}"[:300])
+    deadline = start()
     while time.perf_counter() < deadline:
         try:
-            began = time.perf_counter()
-            answer = client.ask(study_id, worker_id)
-            if answer.status != "leased":
-                waits += 1
-                time.sleep(answer.retry_after or 0.1)
-                continue
-            asks.append(time.perf_counter() - began)
-            lease = answer.lease
-            for step in range(REPORTS_PER_CYCLE):
-                client.report(study_id, lease.point_id, lease.lease_token, step, 1.0 / (step + 1))
-            client.tell(study_id, lease.point_id, lease.lease_token, "done", loss=lease.params["x"] ** 2)
-            cycles += 1
+            asked = _hepopt_cycle(client, study_id, worker_id)
         except Exception as exc:
             errors.append(f"{type(exc).__name__}: {exc}"[:300])
+            continue
+        if asked is None:
+            waits += 1
+        else:
+            asks.append(asked)
+            cycles += 1
     tally.merge(cycles, waits, asks, errors)
+
+
+def _hepopt_cycle(client: Any, study_id: int, worker_id: str) -> float | None:
+    """One cycle; the seconds its ask took, or None when the answer was to wait (after waiting)."""
+    began = time.perf_counter()
+    answer = client.ask(study_id, worker_id)
+    if answer.status != "leased":
+        time.sleep(answer.retry_after or 0.1)
+        return None
+    asked = time.perf_counter() - began
+    lease = answer.lease
+    for step in range(REPORTS_PER_CYCLE):
+        client.report(study_id, lease.point_id, lease.lease_token, step, 1.0 / (step + 1))
+    client.tell(study_id, lease.point_id, lease.lease_token, "done", loss=lease.params["x"] ** 2)
+    return asked
 
 
 # -- Optuna -------------------------------------------------------------------------------------
@@ -361,20 +443,30 @@ def bench_optuna(url: str, concurrency: int, preload: int, seconds: float) -> Re
     study = optuna.create_study(storage=storage, study_name="bench", sampler=optuna.samplers.RandomSampler(seed=1))
     if preload:
         preload_optuna(storage, study._study_id, preload)
+        settle_database(url)
     space = {name: FloatDistribution(*SPACE_BOUNDS) for name in ("x", "y")}
 
-    def loop(_index: int, deadline: float, tally: Tally) -> None:
+    def cycle() -> float:
+        began = time.perf_counter()
+        trial = study.ask(space)
+        asked = time.perf_counter() - began
+        for step in range(REPORTS_PER_CYCLE):
+            trial.report(1.0 / (step + 1), step)
+        study.tell(trial, trial.params["x"] ** 2)
+        return asked
+
+    def loop(_index: int, start: Callable[[], float], tally: Tally) -> None:
         cycles = 0
         asks: list[float] = []
         errors: list[str] = []
+        try:
+            cycle()
+        except Exception as exc:
+            errors.append(f"warm-up: {type(exc).__name__}: {exc}"[:300])
+        deadline = start()
         while time.perf_counter() < deadline:
             try:
-                began = time.perf_counter()
-                trial = study.ask(space)
-                asks.append(time.perf_counter() - began)
-                for step in range(REPORTS_PER_CYCLE):
-                    trial.report(1.0 / (step + 1), step)
-                study.tell(trial, trial.params["x"] ** 2)
+                asks.append(cycle())
                 cycles += 1
             except Exception as exc:
                 errors.append(f"{type(exc).__name__}: {exc}"[:300])
@@ -384,6 +476,17 @@ def bench_optuna(url: str, concurrency: int, preload: int, seconds: float) -> Re
         return run_threads(concurrency, seconds, loop)
     finally:
         storage.engine.dispose()
+
+
+def settle_database(url: str) -> None:
+    """After a bulk load, put a PostgreSQL database where autovacuum would have it in steady state: the
+    load turned 10,000 points (trials) from new to done in one go, leaving as many dead index entries
+    that every scan for new points walks through, and no planner statistics. SQLite needs neither."""
+    if url.startswith("postgresql"):
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE")
 
 
 # -- databases ----------------------------------------------------------------------------------
@@ -545,12 +648,14 @@ def main() -> int:
                         help="also measure GET /health with the same clients on the same server")
     parser.add_argument("--workers", type=int, default=DEFAULT_SERVER_WORKERS,
                         help=f"server processes of hepopt serve (default: {DEFAULT_SERVER_WORKERS})")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="processes the C hepopt clients are spread over (default: 1, all threads of this one)")
     parser.add_argument("--preload", type=int, nargs="+", default=[0, PRELOAD_POINTS],
                         help="finished points already in the study (default: 0 and 10000)")
     args = parser.parse_args()
     print(describe_machine())
     print(f"cycle = ask + {REPORTS_PER_CYCLE} reports + tell; {args.seconds:g} s per run; "
-          f"hepopt serve --workers {args.workers}\n")
+          f"hepopt serve --workers {args.workers}; hepopt clients in {args.client_processes} process(es)\n")
     print(HEADER)
     print("-" * len(HEADER))
     workdir = Path(tempfile.mkdtemp(prefix="hepopt-bench-"))
@@ -562,7 +667,7 @@ def main() -> int:
                     run_dir = workdir / f"hepopt-{preload}-{concurrency}"
                     run_dir.mkdir()
                     hep, ceiling = bench_hepopt(dbs.fresh("hepopt"), run_dir, concurrency, preload, args.seconds,
-                                                args.ceiling, args.workers)
+                                                args.ceiling, args.workers, args.client_processes)
                     opt = bench_optuna(dbs.fresh("optuna"), concurrency, preload, args.seconds)
                     print(row(dbs.kind, preload, concurrency, hep, opt), flush=True)
                     if ceiling is not None:

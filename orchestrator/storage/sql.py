@@ -7,16 +7,24 @@ Concurrency rules, the reason this module exists:
   which SQLite answers "database is locked" at once instead of waiting. Threads of one process
   additionally queue on one lock per database file, and other processes wait on ``busy_timeout``; a
   busy error that still escapes is retried with the whole transaction.
-* PostgreSQL locks rows: every write locks the study row first, then point rows, always in that order
-  (no deadlocks); ``lease`` picks its point with ``SKIP LOCKED``. The locks are ``FOR NO KEY UPDATE``
-  (no key ever changes), so the foreign-key checks of inserts (``KEY SHARE``) never wait on them;
-  ``report`` only share-locks its point, so reports of different points never queue on the study row.
+* PostgreSQL locks rows: a write locks point rows first (in id order), then the study row, always in
+  that order (no deadlocks). The study row is every writer's meeting point, so the hot paths lock it
+  last, just before they commit: ``lease`` picks its point with ``SKIP LOCKED`` and then claims the
+  evaluation job with one conditional ``UPDATE`` of the study (running, budget left) that commits at
+  once or refuses, so concurrent leases queue on the study row for one statement, not a transaction;
+  ``finish`` locks the study after its point to see every other finish before deciding completion;
+  ``heartbeat`` never locks it. The locks are ``FOR NO KEY UPDATE`` (no key ever changes), so the
+  foreign-key checks of inserts (``KEY SHARE``) never wait on them; ``report`` only share-locks its
+  point, so reports of different points never queue on the study row.
 * A partial unique index allows one open lease per point, so the database itself refuses a double lease.
 * With ``now=None`` the clock is read inside the transaction, after its locks, so stored times follow
   commit order (a lease never starts before the release that freed its point).
-* The hot paths of the worker protocol (``verify_token``, ``lease``, ``report``, ``finish``) are SQLAlchemy Core
-  statements on a connection: an ORM unit of work costs several times the SQL it runs. Concurrent
-  reports are written together, one transaction per batch (:mod:`orchestrator.storage.group_commit`).
+* The hot paths of the worker protocol (``lease``, ``report``, ``finish``, and ``add_points`` for
+  steering) are Core statements compiled once and run on the driver's cursor
+  (:mod:`orchestrator.storage.direct`): an ORM unit of work costs several times the SQL it runs, and
+  SQLAlchemy's execution machinery still several times more than SQLite. Concurrent leases, reports
+  and finishes are written together, one transaction per batch (:mod:`orchestrator.storage.group_commit`),
+  each caller still getting its own answer or error.
 
 Opening a storage runs the Alembic migrations up to head under a lock, so several processes may open
 the same database at once.
@@ -28,6 +36,7 @@ import functools
 import hashlib
 import hmac
 import json
+import logging
 import math
 import random
 import re
@@ -38,14 +47,27 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, Table, bindparam, create_engine, event, func, insert, select, text, update
+from sqlalchemy import (
+    Connection,
+    Dialect,
+    Engine,
+    Integer,
+    Table,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
@@ -73,6 +95,7 @@ from orchestrator.storage.base import (
     TokenInfo,
     clock,
 )
+from orchestrator.storage.direct import Compiled, DirectCursor, KeptConnection, compile_for
 from orchestrator.storage.group_commit import GroupCommit, Pending
 from orchestrator.storage.models import (
     NAME_LENGTH,
@@ -88,6 +111,8 @@ from steering_container.api import Observation
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 #: How long a SQLite writer waits for another process's write transaction before giving up.
 SQLITE_BUSY_TIMEOUT_S = 60.0
@@ -98,6 +123,8 @@ RETRY_BASE_DELAY_S = 0.02
 #: so a busy server never closes and reopens connections (and reruns their setup) per request.
 POOL_SIZE = 48
 POOL_MAX_OVERFLOW = 16
+#: How long the hot paths' kept connection may sit idle before it is checked (pinged) again.
+KEPT_CONNECTION_IDLE_S = 10.0
 #: Parsed tasks kept in memory (by their stored JSON text).
 TASK_CACHE_SIZE = 1024
 #: Key of the PostgreSQL advisory lock that serialises migrations ("hepo" in ASCII).
@@ -157,7 +184,12 @@ class SQLStorage(Storage):
             raise ValueError(f"unsupported database {self.dialect!r}: use sqlite or postgresql")
         self.engine = _make_engine(self.url) if self.dialect == "sqlite" else _make_pg_engine(self.url)
         self._write_lock = _sqlite_write_lock(self.url, self.engine) if self.dialect == "sqlite" else None
-        self._reports: GroupCommit[_Report] = GroupCommit(self._write_reports)
+        self._writes: GroupCommit[_Ask | _Report | _Finish] = GroupCommit(self._write_batch)
+        self._hot = _HotPath(self.engine.dialect)
+        self._kept = KeptConnection(self.engine, KEPT_CONNECTION_IDLE_S)
+        dbapi = self.engine.dialect.loaded_dbapi
+        self._integrity_error: type[Exception] = dbapi.IntegrityError
+        self._transient: tuple[type[Exception], ...] = (OperationalError, dbapi.OperationalError)
         if migrate:
             self.upgrade()
 
@@ -182,6 +214,7 @@ class SQLStorage(Storage):
             return MigrationContext.configure(conn).get_current_revision()
 
     def close(self) -> None:
+        self._kept.close()
         self.engine.dispose()
 
     def _writer(self, write: bool) -> threading.RLock | nullcontext[None]:
@@ -193,15 +226,40 @@ class SQLStorage(Storage):
             with self._writer(write), self._session(write) as session:
                 return work(session)
 
-        return _retrying(once)
+        return _retrying(once, self._transient)
 
     def _run_core(self, work: Callable[[Connection], T], write: bool = True) -> T:
-        """As :meth:`_run`, for Core statements on a bare connection (the hot paths)."""
+        """As :meth:`_run`, for Core statements on a bare connection."""
         def once() -> T:
             with self._writer(write), self._connection(write) as conn:
                 return work(conn)
 
-        return _retrying(once)
+        return _retrying(once, self._transient)
+
+    def _run_direct(self, work: Callable[[DirectCursor], T]) -> T:
+        """As :meth:`_run`, for the hot paths' compiled statements on the driver's cursor (a write)."""
+        def once() -> T:
+            with self._writer(True), self._direct_transaction() as cursor:
+                return work(cursor)
+
+        return _retrying(once, self._transient)
+
+    @contextmanager
+    def _direct_transaction(self) -> Iterator[DirectCursor]:
+        """A pooled driver connection in a write transaction, committed when the block ends.
+
+        SQLite's connections are in autocommit mode (see :func:`_make_engine`), so the transaction is
+        begun here, IMMEDIATE; psycopg begins one with the first statement."""
+        with self._kept.borrow() as pooled:
+            cursor = pooled.cursor()
+            try:
+                if self.dialect == "sqlite":
+                    cursor.execute("BEGIN IMMEDIATE")
+                yield DirectCursor(cursor)
+                pooled.commit()
+            except BaseException as exc:
+                _abandon(pooled, cursor, exc, self.engine.dialect)
+                raise
 
     @contextmanager
     def _connection(self, write: bool) -> Iterator[Connection]:
@@ -345,22 +403,7 @@ class SQLStorage(Storage):
         _bounded(origin, NAME_LENGTH, "origin")
         encoded = [_encode_params(params, i) for i, params in enumerate(params_list)]
 
-        def work(s: Session) -> list[PointRecord]:
-            study = _study(s, study_id)
-            at = clock(now)
-            if study.state != StudyState.RUNNING:
-                return []
-            room = max(0, study.max_points - study.n_points)
-            rows = [PointRow(study_id=study_id, number=study.n_points + i, params_json=params, origin=origin,
-                             state=PointState.NEW, attempt=0, created_at=at, updated_at=at)
-                    for i, params in enumerate(encoded[:room])]
-            s.add_all(rows)
-            study.n_points += len(rows)
-            study.updated_at = at
-            s.flush()
-            return [_point_record(row) for row in rows]
-
-        return self._run(work)
+        return self._run_direct(lambda cur: _append_points(cur, self._hot.sql, study_id, encoded, origin, now))
 
     def get_point(self, point_id: int, study_id: int | None = None) -> PointRecord:
         def work(s: Session) -> PointRecord:
@@ -383,12 +426,12 @@ class SQLStorage(Storage):
 
     def lease(self, study_id: int, worker_id: str, now: float | None = None) -> Lease | None:
         _bounded(worker_id, NAME_LENGTH, "worker id")
-        return self._run_core(lambda conn: _lease_next(conn, study_id, worker_id, now))
+        return self._writes.submit(_Ask(study_id, worker_id, now))
 
     def heartbeat(self, point_id: int, lease_token: str, now: float | None = None, *,
                   study_id: int | None = None) -> Lease:
         def work(s: Session) -> Lease:
-            study, point = _leased_point(s, point_id, lease_token, study_id)
+            study, point = _leased_point(s, point_id, lease_token, study_id, lock_study=False)
             at = clock(now)
             point.lease_expires_at = at + study.lease_seconds
             point.updated_at = at
@@ -403,18 +446,35 @@ class SQLStorage(Storage):
             raise InvalidValueError(f"step must be an integer >= 0, got {step!r}")
         value = _finite(value, "intermediate value")
 
-        self._reports.submit(_Report(point_id, lease_token, step, value, now, study_id))
+        self._writes.submit(_Report(point_id, lease_token, step, value, now, study_id))
 
-    def _write_reports(self, batch: list[Pending[_Report]]) -> None:
-        """One transaction for the reports queued meanwhile (see :class:`GroupCommit`)."""
-        def work(conn: Connection) -> None:
-            for pending in batch:
-                pending.error = None
-            rows = _checked_reports(conn, batch)
-            if rows:
-                conn.execute(_upsert_intermediate(self.dialect), rows)
+    def _write_batch(self, batch: list[Pending[_Ask | _Report | _Finish]]) -> None:
+        """One transaction for the leases, reports and finishes queued meanwhile (see :class:`GroupCommit`).
 
-        self._run_core(work)
+        An item refused on its own merits (a stale lease, no point to lease) gets its error or result
+        within the batch. Should the batch transaction fail as a whole (a concurrent process won a race
+        the batch lost, which rolls back everything), each item is written again in a transaction of its
+        own, so one item's failure is never another's."""
+        if len(batch) > 1:
+            try:
+                self._run_direct(lambda cur: _apply_writes(cur, self._hot, batch))
+                return
+            except Exception:
+                log.debug("a batch of %d writes failed; writing them one by one", len(batch), exc_info=True)
+        for pending in batch:
+            self._write_alone(pending)
+
+    def _write_alone(self, pending: Pending[_Ask | _Report | _Finish]) -> None:
+        try:
+            self._run_direct(lambda cur: _apply_writes(cur, self._hot, [pending]))
+        except _NoJobLeft:
+            pending.result, pending.error = None, None
+        except self._integrity_error as exc:
+            # A concurrent process finished another point under the same request id first.
+            pending.error = (_request_id_conflict(pending.item.request_id) if isinstance(pending.item, _Finish)
+                             else exc)
+        except Exception as exc:
+            pending.error = exc
 
     def finish(self, point_id: int, lease_token: str, status: PointState, loss: float | None = None, *,
                request_id: str | None = None, message: str | None = None, now: float | None = None,
@@ -426,10 +486,7 @@ class SQLStorage(Storage):
         elif loss is not None and status == PointState.PRUNED:
             loss = _finite(loss, "loss of a pruned point")
 
-        def work(conn: Connection) -> FinishResult:
-            return _finish_point(conn, point_id, lease_token, status, loss, request_id, message, study_id, now)
-
-        return self._run_core(work)
+        return self._writes.submit(_Finish(point_id, lease_token, status, loss, request_id, message, study_id, now))
 
     def release(self, point_id: int, lease_token: str, now: float | None = None, *,
                 study_id: int | None = None) -> PointRecord:
@@ -446,17 +503,17 @@ class SQLStorage(Storage):
     def reap_expired(self, now: float | None = None) -> int:
         def work(s: Session) -> int:
             at = clock(now)
-            expired = (PointRow.state == PointState.RUNNING, PointRow.lease_expires_at < at)
-            study_ids = sorted(s.scalars(select(PointRow.study_id).where(*expired).distinct()))
-            reaped = 0
-            for study_id in study_ids:
+            query = (select(PointRow).where(PointRow.state == PointState.RUNNING, PointRow.lease_expires_at < at)
+                     .order_by(PointRow.id).with_for_update(**NO_KEY_UPDATE))
+            by_study: dict[int, list[PointRow]] = {}
+            for point in s.scalars(query).all():
+                by_study.setdefault(point.study_id, []).append(point)
+            for study_id in sorted(by_study):
                 study = _study(s, study_id)
-                query = select(PointRow).where(PointRow.study_id == study_id, *expired).order_by(PointRow.id)
-                for point in s.scalars(query.with_for_update(**NO_KEY_UPDATE)).all():
+                for point in by_study[study_id]:
                     _expire(s, study, point, at)
-                    reaped += 1
                 _settle(s, study, at)
-            return reaped
+            return sum(map(len, by_study.values()))
 
         return self._run(work)
 
@@ -465,8 +522,8 @@ class SQLStorage(Storage):
         def work(s: Session) -> list[Observation]:
             _study(s, study_id, lock=False)
             rows = s.execute(select(PointRow.params_json, PointRow.loss, PointRow.state)
-                             .where(PointRow.study_id == study_id).order_by(PointRow.number))
-            return [_observation(params, loss, state) for params, loss, state in rows]
+                             .where(PointRow.study_id == study_id).order_by(PointRow.number)).all()
+            return _observations(rows)
 
         return self._run(work, write=False)
 
@@ -570,24 +627,42 @@ def _sqlite_write_lock(url: URL, engine: Engine) -> threading.RLock:
         return _SQLITE_WRITE_LOCKS.setdefault(key, threading.RLock())
 
 
-def _retryable(exc: OperationalError) -> bool:
-    sqlstate = getattr(exc.orig, "sqlstate", None)
+def _retryable(exc: Exception) -> bool:
+    """Whether a driver error (or SQLAlchemy's wrapper of one) is a lock conflict worth a retry."""
+    error = getattr(exc, "orig", exc)
+    sqlstate = getattr(error, "sqlstate", None)
     if sqlstate is not None:
         return sqlstate in RETRYABLE_SQLSTATES
-    message = str(exc.orig).lower()
+    message = str(error).lower()
     return "database is locked" in message or "database is busy" in message
 
 
-def _retrying(once: Callable[[], T]) -> T:
-    """Run one whole transaction, again (with jittered backoff) on transient lock errors."""
+def _retrying(once: Callable[[], T], transient: tuple[type[Exception], ...]) -> T:
+    """Run one whole transaction, again (with jittered backoff) on transient lock errors, which are
+    instances of ``transient`` (SQLAlchemy's and the driver's OperationalError) that :func:`_retryable`
+    recognises."""
     for attempt in range(MAX_TRANSACTION_ATTEMPTS):
         try:
             return once()
-        except OperationalError as exc:
+        except transient as exc:
             if attempt + 1 == MAX_TRANSACTION_ATTEMPTS or not _retryable(exc):
                 raise
         time.sleep(RETRY_BASE_DELAY_S * (2 ** attempt) * (1 + random.random()))
     raise AssertionError("unreachable")
+
+
+def _abandon(pooled: Any, cursor: Any, exc: BaseException, dialect: Dialect) -> None:
+    """Roll back a failed direct transaction; a connection that is broken or cannot roll back is
+    dropped from the pool instead of being handed to the next caller."""
+    broken = isinstance(exc, dialect.loaded_dbapi.Error) and dialect.is_disconnect(exc, pooled.dbapi_connection,
+                                                                                   cursor)
+    if not broken:
+        try:
+            pooled.rollback()
+            return
+        except Exception:
+            pass
+    pooled.invalidate()
 
 
 # -- row helpers (inside a transaction) --------------------------------------------------------
@@ -599,14 +674,6 @@ def _study(s: Session, study_id: int, owner: str | None = None, lock: bool = Tru
     return row
 
 
-def _study_id_of(s: Session | Connection, point_id: int, expected: int | None = None) -> int:
-    """The point's study; with ``expected``, a point of another study looks like no point."""
-    study_id = s.scalar(select(POINTS.c.study_id).where(POINTS.c.id == point_id))
-    if study_id is None or (expected is not None and study_id != expected):
-        raise NotFoundError(f"point {point_id} not found")
-    return study_id
-
-
 def _locked_point(s: Session, point_id: int) -> PointRow:
     row = s.get(PointRow, point_id, with_for_update=NO_KEY_UPDATE, populate_existing=True)
     if row is None:
@@ -614,11 +681,14 @@ def _locked_point(s: Session, point_id: int) -> PointRow:
     return row
 
 
-def _leased_point(s: Session, point_id: int, lease_token: str,
-                  study_id: int | None = None) -> tuple[StudyRow, PointRow]:
-    """Study and point, locked in that order, after checking the lease token is current."""
-    study = _study(s, _study_id_of(s, point_id, study_id))
+def _leased_point(s: Session, point_id: int, lease_token: str, study_id: int | None = None,
+                  lock_study: bool = True) -> tuple[StudyRow, PointRow]:
+    """Study and point, the point locked first (then the study, if ``lock_study``), after checking that
+    the lease token is current; with ``study_id``, a point of another study looks like no point."""
     point = _locked_point(s, point_id)
+    if study_id is not None and point.study_id != study_id:
+        raise NotFoundError(f"point {point_id} not found")
+    study = _study(s, point.study_id, lock=lock_study)
     _check_lease(point, lease_token)
     return study, point
 
@@ -705,52 +775,198 @@ def _token_info(conn: Connection, token_hash: str) -> TokenInfo | None:
     return None if row is None else TokenInfo(*row)
 
 
-def _lease_statements() -> dict[str, Any]:
-    """The statements of :func:`_lease_next`, built once: asks are frequent, and building a statement
-    and its cache key costs more than SQLite spends running it."""
-    st, pt = STUDIES.c, POINTS.c
+def _hot_statements() -> dict[str, Any]:
+    """The statements of the worker protocol's transactions, written once in Core with named
+    parameters; each storage compiles them for its dialect and runs them on the driver's cursor
+    (:mod:`orchestrator.storage.direct`)."""
+    st, pt, ck, lt = STUDIES.c, POINTS.c, CHECKPOINTS.c, LEASES.c
+    used = POINTS.alias("used").c  # the point, if any, that a request id already finished
+    study = st.id == bindparam("b_study")
     return {
-        "study": select(st.state, st.evaluation_jobs, st.max_evaluation_jobs, st.lease_seconds)
-        .where(st.id == bindparam("b_study")).with_for_update(**NO_KEY_UPDATE),
-        "point": select(pt.id, pt.number, pt.params_json, pt.attempt)
+        # lease
+        "lease_study": select(st.state, st.evaluation_jobs, st.max_evaluation_jobs, st.lease_seconds).where(study),
+        "next_points": select(pt.id, pt.number, pt.params_json, pt.attempt, ck.point_id.label("checkpoint"),
+                              st.state.label("study_state"), st.evaluation_jobs, st.max_evaluation_jobs,
+                              st.lease_seconds)
+        .select_from(POINTS.join(STUDIES, st.id == pt.study_id).outerjoin(CHECKPOINTS, ck.point_id == pt.id))
         .where(pt.study_id == bindparam("b_study"), pt.state == PointState.NEW.value)
-        .order_by(pt.number).limit(1).with_for_update(skip_locked=True, **NO_KEY_UPDATE),
+        .order_by(pt.number).limit(bindparam("b_limit", type_=Integer))
+        .with_for_update(skip_locked=True, of=POINTS, **NO_KEY_UPDATE),
         "take": update(POINTS).where(pt.id == bindparam("b_point"))
         .values(state=PointState.RUNNING.value, worker_id=bindparam("b_worker"), lease_token=bindparam("b_token"),
                 lease_expires_at=bindparam("b_expires"), updated_at=bindparam("b_at")),
-        "count": update(STUDIES).where(st.id == bindparam("b_study"))
-        .values(evaluation_jobs=st.evaluation_jobs + 1, updated_at=bindparam("b_at")),
-        "log": insert(LEASES),
-        "checkpoint": select(CHECKPOINTS.c.point_id).where(CHECKPOINTS.c.point_id == bindparam("b_point")),
+        "log_lease": insert(LEASES).values({column: bindparam(column) for column in (
+            "point_id", "study_id", "worker_id", "lease_token", "attempt", "started_at", "expires_at")}),
+        "claim_jobs": update(STUDIES)
+        .where(study, st.state == StudyState.RUNNING.value,
+               st.evaluation_jobs + bindparam("b_jobs", type_=Integer) <= st.max_evaluation_jobs)
+        .values(evaluation_jobs=st.evaluation_jobs + bindparam("b_jobs", type_=Integer),
+                updated_at=bindparam("b_at")),
+        # add_points
+        "append_study": select(st.state, st.n_points, st.max_points).where(study).with_for_update(**NO_KEY_UPDATE),
+        "insert_point": insert(POINTS).values({column: bindparam(column) for column in (
+            "study_id", "number", "params_json", "origin", "state", "attempt", "created_at", "updated_at")}),
+        "appended_ids": select(pt.id).where(pt.study_id == bindparam("b_study"), pt.number >= bindparam("b_first"))
+        .order_by(pt.number),
+        "count_points": update(STUDIES).where(study)
+        .values(n_points=st.n_points + bindparam("b_added"), updated_at=bindparam("b_at")),
+        # finish
+        "locked_point": select(POINTS, select(used.id).where(used.finish_request_id == bindparam("b_request"))
+                               .scalar_subquery().label("request_used_by"))
+        .where(pt.id == bindparam("b_point")).with_for_update(of=POINTS, **NO_KEY_UPDATE),
+        "failed_loss": select(st.failed_loss).where(study),
+        "end_lease": update(LEASES).where(lt.lease_token == bindparam("b_token"))
+        .values(ended_at=bindparam("b_at"), outcome=bindparam("b_state")),
+        "finish_point": update(POINTS).where(pt.id == bindparam("b_point"))
+        .values(state=bindparam("b_state"), loss=bindparam("b_loss"), message=bindparam("b_message"),
+                finish_request_id=bindparam("b_request"), finished_at=bindparam("b_at"), lease_token=None,
+                worker_id=None, lease_expires_at=None, updated_at=bindparam("b_at")),
+        "locked_study": select(st.state, st.n_points, st.max_points, st.evaluation_jobs, st.max_evaluation_jobs)
+        .where(study).with_for_update(**NO_KEY_UPDATE),
+        "state_counts": select(pt.state, func.count()).where(pt.study_id == bindparam("b_study")).group_by(pt.state),
+        "complete": update(STUDIES).where(study)
+        .values(state=StudyState.COMPLETED.value, message=bindparam("b_message"), updated_at=bindparam("b_at")),
     }
 
 
-LEASE_SQL = _lease_statements()
+HOT_SQL = _hot_statements()
 
 
-def _lease_next(conn: Connection, study_id: int, worker_id: str, now: float | None) -> Lease | None:
-    """Lease the oldest NEW point: lock the study, skip points another leaser has locked, count the job."""
-    sql = LEASE_SQL
-    study = conn.execute(sql["study"], {"b_study": study_id}).first()
+def _upsert_intermediate(dialect: str) -> Any:
+    """INSERT ... ON CONFLICT (point_id, step) DO UPDATE: a resent step replaces its value in one statement."""
+    statement = (sqlite.insert(INTERMEDIATE) if dialect == "sqlite" else postgresql.insert(INTERMEDIATE)).values(
+        {column: bindparam(column) for column in ("point_id", "study_id", "step", "value", "updated_at")})
+    excluded = statement.excluded
+    return statement.on_conflict_do_update(index_elements=[INTERMEDIATE.c.point_id, INTERMEDIATE.c.step],
+                                           set_={"value": excluded.value, "updated_at": excluded.updated_at})
+
+
+def _reported_points(n: int) -> Any:
+    """The points of a batch of ``n`` reports, share-locked in id order."""
+    pt = POINTS.c
+    return (select(pt.id, pt.study_id, pt.state, pt.lease_token)
+            .where(pt.id.in_([bindparam(f"b_point{i}") for i in range(n)])).order_by(pt.id)
+            .with_for_update(read=True))
+
+
+class _HotPath:
+    """:data:`HOT_SQL` compiled for one engine's dialect; the report batch's lock is compiled per size."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.sql = {name: compile_for(statement, dialect) for name, statement in HOT_SQL.items()}
+        self.sql["upsert_value"] = compile_for(_upsert_intermediate(dialect.name), dialect)
+        self._reported: dict[int, Compiled] = {}
+
+    def reported_points(self, n: int) -> Compiled:
+        compiled = self._reported.get(n)
+        if compiled is None:
+            compiled = self._reported[n] = compile_for(_reported_points(n), self.dialect)
+        return compiled
+
+
+class _NoJobLeft(Exception):
+    """Raised inside a lease transaction to roll it back: the study stopped or its job budget ran out
+    after the points were picked (another process leased meanwhile)."""
+
+
+@dataclass(frozen=True)
+class _Ask:
+    """One ``lease`` call waiting for its batch."""
+
+    study_id: int
+    worker_id: str
+    now: float | None
+
+
+def _lease_points(cur: DirectCursor, sql: dict[str, Compiled], study_id: int, asks: list[Pending[_Ask]]) -> None:
+    """Lease the oldest NEW points that no concurrent leaser holds, one per ask, then claim their jobs.
+
+    The points come with their study's state and budget, read without a lock (a quick refusal when
+    nothing can be leased); the claim at the end is the check that counts: a conditional increment
+    that succeeds only while the study runs and has the jobs left, taking the study row's lock for the
+    last statement before commit. Asks beyond the points or the jobs available get None."""
+    points = cur.all(sql["next_points"], b_study=study_id, b_limit=len(asks))
+    if not points:
+        if cur.first(sql["lease_study"], b_study=study_id) is None:
+            for pending in asks:
+                pending.error = NotFoundError(f"study {study_id} not found")
+        return
+    study = points[0]
+    if study.study_state != StudyState.RUNNING:
+        return
+    points = points[:max(0, study.max_evaluation_jobs - study.evaluation_jobs)]
+    if not points:
+        return
+    leases = [_take(cur, sql, pending.item, point, study.lease_seconds)
+              for pending, point in zip(asks, points, strict=False)]
+    if cur.execute(sql["claim_jobs"], b_study=study_id, b_jobs=len(leases), b_at=clock(asks[0].item.now)) != 1:
+        raise _NoJobLeft
+    for pending, lease in zip(asks, leases, strict=False):
+        pending.result = lease
+
+
+def _take(cur: DirectCursor, sql: dict[str, Compiled], ask: _Ask, point: Any, lease_seconds: float) -> Lease:
+    """Lease ``point`` (locked by the caller) to the asking worker and log the lease."""
+    at = clock(ask.now)
+    token = secrets.token_hex(LEASE_TOKEN_BYTES)
+    expires = at + lease_seconds
+    cur.execute(sql["take"], b_point=point.id, b_worker=ask.worker_id, b_token=token, b_expires=expires, b_at=at)
+    cur.execute(sql["log_lease"], point_id=point.id, study_id=ask.study_id, worker_id=ask.worker_id,
+                lease_token=token, attempt=point.attempt, started_at=at, expires_at=expires)
+    return Lease(point_id=point.id, study_id=ask.study_id, number=point.number, params=json.loads(point.params_json),
+                 attempt=point.attempt, worker_id=ask.worker_id, lease_token=token, expires_at=expires,
+                 has_checkpoint=point.checkpoint is not None)
+
+
+def _apply_writes(cur: DirectCursor, hot: _HotPath, batch: list[Pending[_Ask | _Report | _Finish]]) -> None:
+    """Write a batch in one transaction: reports, then finishes, then leases (grouped by study). May run
+    again on the same batch after a failed attempt, so it first clears what an attempt left."""
+    for pending in batch:
+        pending.result, pending.error = None, None
+    reports = [pending for pending in batch if isinstance(pending.item, _Report)]
+    if reports:
+        rows = _checked_reports(cur, hot, reports)  # type: ignore[arg-type]
+        if rows:
+            cur.execute_many(hot.sql["upsert_value"], rows)
+    for pending in batch:
+        if isinstance(pending.item, _Finish):
+            try:
+                pending.result = _finish_point(cur, hot.sql, pending.item)
+            except StorageError as exc:
+                pending.error = exc
+    asks: dict[int, list[Pending[_Ask]]] = {}
+    for pending in batch:
+        if isinstance(pending.item, _Ask):
+            asks.setdefault(pending.item.study_id, []).append(pending)  # type: ignore[arg-type]
+    for study_id in sorted(asks):
+        _lease_points(cur, hot.sql, study_id, asks[study_id])
+
+
+def _append_points(cur: DirectCursor, sql: dict[str, Compiled], study_id: int, encoded: list[str], origin: str,
+                   now: float | None) -> list[PointRecord]:
+    """Insert NEW points up to maxPoints in one batch: steering adds hundreds at a time, while every
+    other writer waits."""
+    study = cur.first(sql["append_study"], b_study=study_id)
     if study is None:
         raise NotFoundError(f"study {study_id} not found")
     at = clock(now)
-    if study.state != StudyState.RUNNING or study.evaluation_jobs >= study.max_evaluation_jobs:
-        return None
-    point = conn.execute(sql["point"], {"b_study": study_id}).first()
-    if point is None:
-        return None
-    token = secrets.token_hex(LEASE_TOKEN_BYTES)
-    expires = at + study.lease_seconds
-    conn.execute(sql["take"], {"b_point": point.id, "b_worker": worker_id, "b_token": token, "b_expires": expires,
-                               "b_at": at})
-    conn.execute(sql["count"], {"b_study": study_id, "b_at": at})
-    conn.execute(sql["log"], {"point_id": point.id, "study_id": study_id, "worker_id": worker_id,
-                              "lease_token": token, "attempt": point.attempt, "started_at": at, "expires_at": expires})
-    has_checkpoint = conn.scalar(sql["checkpoint"], {"b_point": point.id})
-    return Lease(point_id=point.id, study_id=study_id, number=point.number, params=json.loads(point.params_json),
-                 attempt=point.attempt, worker_id=worker_id, lease_token=token, expires_at=expires,
-                 has_checkpoint=has_checkpoint is not None)
+    if study.state != StudyState.RUNNING:
+        return []
+    added = encoded[:max(0, study.max_points - study.n_points)]
+    if not added:
+        return []
+    first = study.n_points
+    cur.execute_many(sql["insert_point"], [
+        {"study_id": study_id, "number": first + i, "params_json": params, "origin": origin,
+         "state": PointState.NEW.value, "attempt": 0, "created_at": at, "updated_at": at}
+        for i, params in enumerate(added)])
+    ids = [row.id for row in cur.all(sql["appended_ids"], b_study=study_id, b_first=first)]
+    cur.execute(sql["count_points"], b_study=study_id, b_added=len(added), b_at=at)
+    return [PointRecord(id=point_id, study_id=study_id, number=first + i, params=json.loads(params),
+                        state=PointState.NEW, origin=origin, attempt=0, loss=None, message=None, worker_id=None,
+                        lease_expires_at=None, created_at=at, updated_at=at, finished_at=None)
+            for i, (point_id, params) in enumerate(zip(ids, added, strict=True))]
 
 
 @dataclass(frozen=True)
@@ -765,14 +981,12 @@ class _Report:
     study_id: int | None
 
 
-def _checked_reports(conn: Connection, batch: list[Pending[_Report]]) -> list[dict[str, Any]]:
+def _checked_reports(cur: DirectCursor, hot: _HotPath, batch: list[Pending[_Report]]) -> list[dict[str, Any]]:
     """The rows to upsert for the reports whose lease is current; the others get their error. Points are
     share-locked in id order (PostgreSQL), so a concurrent finish/release waits or is seen, never half."""
-    pt = POINTS.c
     ids = sorted({pending.item.point_id for pending in batch})
-    found = {row.id: row for row in conn.execute(select(pt.id, pt.study_id, pt.state, pt.lease_token)
-                                                 .where(pt.id.in_(ids)).order_by(pt.id)
-                                                 .with_for_update(read=True))}
+    locked = cur.all(hot.reported_points(len(ids)), **{f"b_point{i}": point_id for i, point_id in enumerate(ids)})
+    found = {row.id: row for row in locked}
     rows: dict[tuple[int, int], dict[str, Any]] = {}
     for pending in batch:
         report = pending.item
@@ -790,44 +1004,53 @@ def _checked_reports(conn: Connection, batch: list[Pending[_Report]]) -> list[di
     return list(rows.values())
 
 
-def _finish_point(conn: Connection, point_id: int, lease_token: str, status: PointState, loss: float | None,
-                  request_id: str | None, message: str | None, study_id: int | None,
-                  now: float | None) -> FinishResult:
-    """``finish`` in Core: lock study then point, replay a known request id, end the lease, settle."""
-    st, pt = STUDIES.c, POINTS.c
-    owner = _study_id_of(conn, point_id, study_id)
-    study = conn.execute(select(st.state, st.n_points, st.max_points, st.evaluation_jobs, st.max_evaluation_jobs,
-                                st.failed_loss).where(st.id == owner).with_for_update(**NO_KEY_UPDATE)).one()
-    point = conn.execute(select(POINTS).where(pt.id == point_id).with_for_update(**NO_KEY_UPDATE)).one()
-    at = clock(now)
-    if request_id is not None:
-        seen = conn.execute(select(POINTS).where(pt.finish_request_id == request_id)).first()
-        if seen is not None:
-            if seen.id != point_id:
-                raise ConflictError(f"request id {request_id!r} already finished point {seen.id}")
-            return FinishResult(_point_record(seen), replayed=True)
-    _check_token(point_id, point.state, point.lease_token, lease_token)
-    conn.execute(update(LEASES).where(LEASES.c.lease_token == point.lease_token)
-                 .values(ended_at=at, outcome=status.value))
-    values = {"state": status.value, "loss": study.failed_loss if status == PointState.FAILED else loss,
-              "message": message, "finish_request_id": request_id, "finished_at": at, "lease_token": None,
-              "worker_id": None, "lease_expires_at": None, "updated_at": at}
-    conn.execute(update(POINTS).where(pt.id == point_id).values(**values))
+@dataclass(frozen=True)
+class _Finish:
+    """The arguments of one ``finish`` call, checked."""
+
+    point_id: int
+    lease_token: str
+    status: PointState
+    loss: float | None
+    request_id: str | None
+    message: str | None
+    study_id: int | None
+    now: float | None
+
+
+def _finish_point(cur: DirectCursor, sql: dict[str, Compiled], call: _Finish) -> FinishResult:
+    """Lock the point, replay a known request id (or refuse one that finished another point), end the
+    lease, then lock the study (after every earlier finish of it has committed) and complete it if
+    nothing can change any more. Every refusal comes before the first write, so a refused finish leaves
+    the rest of its batch intact."""
+    point = cur.first(sql["locked_point"], b_point=call.point_id, b_request=call.request_id)
+    if point is None or (call.study_id is not None and point.study_id != call.study_id):
+        raise NotFoundError(f"point {call.point_id} not found")
+    if call.request_id is not None and point.finish_request_id == call.request_id:
+        return FinishResult(_point_record(point), replayed=True)
+    at = clock(call.now)
+    if point.request_used_by is not None:
+        raise _request_id_conflict(call.request_id)
+    _check_token(call.point_id, point.state, point.lease_token, call.lease_token)
+    loss = cur.scalar(sql["failed_loss"], b_study=point.study_id) if call.status == PointState.FAILED else call.loss
+    cur.execute(sql["end_lease"], b_token=point.lease_token, b_at=at, b_state=call.status.value)
+    cur.execute(sql["finish_point"], b_point=call.point_id, b_state=call.status.value, b_loss=loss,
+                b_message=call.message, b_request=call.request_id, b_at=at)
+    study = cur.first(sql["locked_study"], b_study=point.study_id)
     if _may_complete(study):
-        completion = _completion(study, _state_counts(conn, owner))
+        counts = {state.value: 0 for state in PointState}
+        counts.update(cur.all(sql["state_counts"], b_study=point.study_id))
+        completion = _completion(study, counts)
         if completion is not None:
-            conn.execute(update(STUDIES).where(st.id == owner)
-                         .values(state=StudyState.COMPLETED.value, message=completion, updated_at=at))
-    return FinishResult(_point_record(SimpleNamespace(**{**point._mapping, **values})), replayed=False)
+            cur.execute(sql["complete"], b_study=point.study_id, b_message=completion, b_at=at)
+    finished = point._replace(state=call.status.value, loss=loss, message=call.message,
+                              finish_request_id=call.request_id, finished_at=at, lease_token=None, worker_id=None,
+                              lease_expires_at=None, updated_at=at)
+    return FinishResult(_point_record(finished), replayed=False)
 
 
-@functools.cache
-def _upsert_intermediate(dialect: str) -> Any:
-    """INSERT ... ON CONFLICT (point_id, step) DO UPDATE: a resent step replaces its value in one statement."""
-    statement = (sqlite.insert(INTERMEDIATE) if dialect == "sqlite" else postgresql.insert(INTERMEDIATE))
-    excluded = statement.excluded
-    return statement.on_conflict_do_update(index_elements=[INTERMEDIATE.c.point_id, INTERMEDIATE.c.step],
-                                           set_={"value": excluded.value, "updated_at": excluded.updated_at})
+def _request_id_conflict(request_id: str | None) -> ConflictError:
+    return ConflictError(f"request id {request_id!r} already finished another point")
 
 
 # -- conversions ------------------------------------------------------------------------------
@@ -864,9 +1087,17 @@ def _checkpoint(row: CheckpointRow) -> CheckpointMeta:
                           updated_at=row.updated_at)
 
 
-def _observation(params_json: str, loss: float | None, state: str) -> Observation:
-    final = PointState(state) in FINAL_STATES
-    return Observation(json.loads(params_json), loss if final else None, state if final else "pending")
+FINAL_STATE_VALUES = frozenset(state.value for state in FINAL_STATES)
+
+
+def _observations(rows: Sequence[Any]) -> list[Observation]:
+    """Observations from (params_json, loss, state) rows. Steering reads the whole history at every
+    run, and parsing every point's JSON on its own took most of that (and of the interpreter lock the
+    request threads wait for): the stored objects are decoded as one JSON array instead."""
+    params = json.loads("[" + ",".join(row[0] for row in rows) + "]")
+    return [Observation(point, loss if state in FINAL_STATE_VALUES else None,
+                        state if state in FINAL_STATE_VALUES else "pending")
+            for point, (_, loss, state) in zip(params, rows, strict=True)]
 
 
 def _encode_params(params: Any, index: int) -> str:

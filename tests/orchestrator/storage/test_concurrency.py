@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import random
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -129,3 +130,62 @@ def test_postgres_many_threads(postgres_clean_url: str, make_task: Callable[...,
             futures = [pool.submit(work_until_done, storage, study_id, f"t{i}") for i in range(POSTGRES_THREADS)]
             tallies = [future.result() for future in futures]
         assert_consistent(storage, study_id, POSTGRES_POINTS, tallies)
+
+
+# -- the job budget and cancellation against concurrent leases ---------------------------------
+BUDGET_THREADS = 16
+BUDGET_POINTS = 24
+BUDGET_JOBS = 40
+#: A cancelled study must refuse every lease whose transaction starts after cancel_study returned.
+AFTER_CANCEL_S = 0.3
+
+
+def lease_and_give_back(storage: SQLStorage, study_id: int, worker_id: str, stop: threading.Event) -> int:
+    """Lease and release at once, until leasing is refused (or ``stop``): every lease spends one job."""
+    granted = 0
+    while not stop.is_set():
+        lease = storage.lease(study_id, worker_id)
+        if lease is None:
+            if storage.get_study(study_id).state != StudyState.RUNNING:
+                return granted
+            continue
+        granted += 1
+        storage.release(lease.point_id, lease.lease_token)
+    return granted
+
+
+def lease_log_size(storage: SQLStorage, study_id: int) -> int:
+    with storage.engine.connect() as conn:
+        return len(conn.execute(select(LeaseRow.id).where(LeaseRow.study_id == study_id)).all())
+
+
+def test_job_budget_holds_under_concurrent_leases(storage: SQLStorage, make_task: Callable[..., Task]) -> None:
+    """Many leasers race for the last jobs of maxEvaluationJobs: exactly that many leases exist."""
+    task = make_task(maxPoints=BUDGET_POINTS, maxEvaluationJobs=BUDGET_JOBS, hepopt={"leaseSeconds": LEASE_S})
+    study_id = storage.create_study("alice", task).id
+    storage.add_points(study_id, [{"x": i / (BUDGET_POINTS + 1)} for i in range(BUDGET_POINTS)])
+    stop = threading.Event()
+    with ThreadPoolExecutor(BUDGET_THREADS) as pool:
+        futures = [pool.submit(lease_and_give_back, storage, study_id, f"t{i}", stop) for i in range(BUDGET_THREADS)]
+        granted = sum(future.result() for future in futures)
+    study = storage.get_study(study_id)
+    assert granted == study.evaluation_jobs == lease_log_size(storage, study_id) == BUDGET_JOBS
+    assert study.state == StudyState.COMPLETED and "maxEvaluationJobs" in (study.message or "")
+
+
+def test_no_lease_starts_after_cancel(storage: SQLStorage, make_task: Callable[..., Task]) -> None:
+    """Leases racing with cancel_study: none is granted once the cancellation has returned."""
+    task = make_task(maxPoints=BUDGET_POINTS, maxEvaluationJobs=100 * BUDGET_POINTS, hepopt={"leaseSeconds": LEASE_S})
+    study_id = storage.create_study("alice", task).id
+    storage.add_points(study_id, [{"x": i / (BUDGET_POINTS + 1)} for i in range(BUDGET_POINTS)])
+    stop = threading.Event()
+    with ThreadPoolExecutor(BUDGET_THREADS) as pool:
+        futures = [pool.submit(lease_and_give_back, storage, study_id, f"t{i}", stop) for i in range(BUDGET_THREADS)]
+        while lease_log_size(storage, study_id) < BUDGET_THREADS:
+            time.sleep(IDLE_S)
+        storage.cancel_study(study_id)
+        after_cancel = lease_log_size(storage, study_id)
+        time.sleep(AFTER_CANCEL_S)
+        stop.set()
+        granted = sum(future.result() for future in futures)
+    assert lease_log_size(storage, study_id) == after_cancel == granted == storage.get_study(study_id).evaluation_jobs

@@ -1,4 +1,5 @@
-"""Reports written in batches (group commit): each caller still gets its own answer, durably.
+"""Leases, reports and finishes written in batches (group commit): each caller still gets its own
+answer, durably.
 
 The storage tests run on both backends through the ``storage`` fixture; the GroupCommit tests need none.
 """
@@ -6,13 +7,16 @@ The storage tests run on both backends through the ``storage`` fixture; the Grou
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import psycopg
 import pytest
 
 from hepopt.task import Task
-from orchestrator.storage import NotFoundError, StaleLeaseError
+from orchestrator.storage import ConflictError, FinishResult, Lease, NotFoundError, PointState, StaleLeaseError
 from orchestrator.storage.group_commit import GroupCommit, Pending
 from orchestrator.storage.sql import SQLStorage
 
@@ -21,6 +25,8 @@ POINTS = 4
 STEPS = 8
 #: How long the first batch holds the writer, so that the other callers queue behind it.
 RELEASE_AFTER_S = 0.1
+QUEUE_POLL_S = 0.005
+QUEUE_TIMEOUT_S = 30.0
 
 
 def test_concurrent_reports_are_all_stored_and_each_stale_one_refused(storage: SQLStorage,
@@ -80,3 +86,101 @@ def test_group_commit_fails_the_whole_batch_when_the_transaction_fails() -> None
 
     with pytest.raises(RuntimeError, match="disk full"):
         GroupCommit(write).submit(1)
+
+
+def in_one_batch(storage: SQLStorage, calls: list[Callable[[], Any]]) -> list[Any]:
+    """Run ``calls`` (storage writes) concurrently so that they reach the group commit as one batch.
+    Each call's result, or the exception it raised."""
+    writes = storage._writes
+    sizes: list[int] = []
+    write_batch = writes.write_batch
+
+    def recording(batch: list[Pending[Any]]) -> None:
+        sizes.append(len(batch))
+        write_batch(batch)
+
+    def outcome(call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except Exception as exc:
+            return exc
+
+    writes.write_batch = recording
+    try:
+        with ThreadPoolExecutor(len(calls)) as pool:
+            with writes.held():
+                futures = [pool.submit(outcome, call) for call in calls]
+                deadline = time.monotonic() + QUEUE_TIMEOUT_S
+                while writes.queued < len(calls):
+                    assert time.monotonic() < deadline, "not every call reached the group commit"
+                    time.sleep(QUEUE_POLL_S)
+            results = [future.result() for future in futures]
+    finally:
+        writes.write_batch = write_batch
+    assert sizes == [len(calls)], "the calls were not written as one batch"
+    return results
+
+
+def test_one_batch_answers_each_write_on_its_own(storage: SQLStorage, make_task: Callable[..., Task]) -> None:
+    study = storage.create_study("alice", make_task(maxPoints=4))
+    storage.add_points(study.id, [{"x": float(i)} for i in range(4)])
+    done, running, other = (storage.lease(study.id, "w") for _ in range(3))
+    storage.finish(done.point_id, done.lease_token, "done", 0.5, request_id="used")
+    results = in_one_batch(storage, [
+        lambda: storage.report(running.point_id, running.lease_token, 0, 0.25),
+        lambda: storage.report(done.point_id, done.lease_token, 1, 0.25),
+        lambda: storage.finish(other.point_id, other.lease_token, "done", 0.1, request_id="used"),
+        lambda: storage.finish(running.point_id, running.lease_token, "done", 0.2, request_id="fresh"),
+        lambda: storage.lease(study.id, "a"),
+        lambda: storage.lease(study.id, "b"),
+        lambda: storage.lease(study.id + 1000, "c"),
+    ])
+    report_ok, report_stale, reused, finished, *asks, foreign = results
+    assert report_ok is None and isinstance(report_stale, StaleLeaseError)
+    assert isinstance(reused, ConflictError)
+    assert isinstance(finished, FinishResult) and finished.point.state == PointState.DONE
+    granted = [ask for ask in asks if isinstance(ask, Lease)]
+    assert len(granted) == 1 and asks.count(None) == 1, "one NEW point was left for the two asks"
+    assert isinstance(foreign, NotFoundError)
+    assert storage.intermediate_values(study.id) == {running.point_id: {0: 0.25}}
+    counts = storage.counts(study.id)
+    assert (counts.done, counts.running, counts.new, counts.evaluation_jobs) == (2, 2, 0, 4)
+
+
+def test_a_batch_that_loses_a_race_is_written_item_by_item(postgres_clean_url: str,
+                                                           make_task: Callable[..., Task]) -> None:
+    """Another connection takes a request id while the batch waits on it: the batch transaction fails as
+    a whole (PostgreSQL aborts it), so each write is redone alone and only the loser is refused."""
+    with SQLStorage(postgres_clean_url) as storage:
+        study = storage.create_study("alice", make_task(maxPoints=3))
+        storage.add_points(study.id, [{"x": float(i)} for i in range(3)])
+        rival, mine, reporting = (storage.lease(study.id, "w") for _ in range(3))
+        alone: list[Any] = []
+        write_alone = storage._write_alone
+        storage._write_alone = lambda pending: (alone.append(pending.item), write_alone(pending))  # type: ignore
+        with psycopg.connect(postgres_clean_url) as other:
+            other.execute("UPDATE points SET finish_request_id = 'raced' WHERE id = %s", (rival.point_id,))
+            committer = threading.Thread(target=commit_once_blocked, args=(other, postgres_clean_url))
+            committer.start()
+            results = in_one_batch(storage, [
+                lambda: storage.report(reporting.point_id, reporting.lease_token, 0, 0.5),
+                lambda: storage.finish(mine.point_id, mine.lease_token, "done", 0.1, request_id="raced"),
+                lambda: storage.finish(reporting.point_id, reporting.lease_token, "done", 0.2, request_id="ok"),
+            ])
+            committer.join()
+        reported, lost, won = results
+        assert len(alone) == len(results), "the failed batch was not redone item by item"
+        assert reported is None and isinstance(lost, ConflictError) and "raced" in str(lost)
+        assert isinstance(won, FinishResult)
+        assert storage.intermediate_values(study.id) == {reporting.point_id: {0: 0.5}}
+        assert storage.get_point(mine.point_id).state == PointState.RUNNING
+
+
+def commit_once_blocked(conn: psycopg.Connection, url: str) -> None:
+    """Commit ``conn`` once another session waits for one of its locks."""
+    deadline = time.monotonic() + QUEUE_TIMEOUT_S
+    with psycopg.connect(url, autocommit=True) as watcher:
+        while not watcher.execute("SELECT 1 FROM pg_locks WHERE NOT granted").fetchone():
+            assert time.monotonic() < deadline, "the batch never waited on the rival's request id"
+            time.sleep(QUEUE_POLL_S)
+    conn.commit()
