@@ -192,6 +192,10 @@ class SearchSpace:
         self.dimensions: tuple[Dimension, ...] = tuple(dimensions)
         self.arrays: dict[str, int] = dict(arrays or {})
         self._by_name = {d.name: d for d in self.dimensions}
+        #: The keys of a user-facing point (arrays as one key each), checked for every history point.
+        self._point_keys = frozenset(
+            {d.name for d in self.dimensions} - {f"{a}[{i}]" for a, n in self.arrays.items() for i in range(n)}
+            | set(self.arrays))
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -268,15 +272,7 @@ class SearchSpace:
         """Validate a user-facing point; returns its flat form or raises SpecError naming ``where``."""
         if not isinstance(point, Mapping):
             raise SpecError([(where, f"a point is a JSON object, got {type(point).__name__}")])
-        problems = []
-        expected = set(self.names) - {f"{a}[{i}]" for a, n in self.arrays.items() for i in range(n)}
-        expected |= set(self.arrays)
-        missing = sorted(expected - set(point))
-        unknown = sorted(set(point) - expected)
-        if missing:
-            problems.append((where, f"missing hyperparameter(s) {missing}"))
-        if unknown:
-            problems.append((where, f"unknown hyperparameter(s) {unknown}"))
+        problems = [] if point.keys() == self._point_keys else self._key_problems(point, where)
         for array, size in self.arrays.items():
             value = point.get(array)
             if array in point and (not isinstance(value, list) or len(value) != size):
@@ -291,6 +287,12 @@ class SearchSpace:
         if problems:
             raise SpecError(problems)
         return flat
+
+    def _key_problems(self, point: Mapping[str, Any], where: str) -> list[tuple[str, str]]:
+        missing = sorted(self._point_keys - set(point))
+        unknown = sorted(set(point) - self._point_keys)
+        return ([(where, f"missing hyperparameter(s) {missing}")] if missing else []) + (
+            [(where, f"unknown hyperparameter(s) {unknown}")] if unknown else [])
 
     def key(self, flat: Mapping[str, Any]) -> tuple[Any, ...]:
         """Hashable identity of a flat point: equal keys mean duplicate points."""
