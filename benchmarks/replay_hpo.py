@@ -11,7 +11,8 @@ workers in lock step (one epoch per tick; a freed worker takes the next configur
 epoch the trial reports its loss to the policy — the same classes, built by the same ``make_policy`` from
 the same task-JSON block, that the orchestrator's report route uses — and stops when told to. A trial
 that reaches epoch 100 is completed and its final loss is told; the predictive policy refits as soon as
-it asks to (synchronously here: in the orchestrator that happens in a background thread, a little later).
+it asks to (synchronously here; the orchestrator's ``StoppingDecider.tell`` starts the same refit in a
+background thread, so there it lands a fit's duration later).
 Every policy sees the same configurations in the same order for a given seed, so the comparison is paired.
 
 Reported per policy: epochs spent, best final loss among completed trials (a pruned trial's final loss is

@@ -398,6 +398,7 @@ def tell(study_id: int, point_id: int, body: TellBody, who: Principal, svc: Svc)
                                 request_id=body.request_id, message=body.message, study_id=study_id)
     if not result.replayed:
         svc.metrics.count("hepopt_tells_total", "status", body.status)
+        svc.stopping.tell(result.point)
         svc.scheduler.poke(study_id)
     return WorkerJSONResponse(point_json(result.point))
 

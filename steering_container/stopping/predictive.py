@@ -14,6 +14,13 @@ mean remaining improvement still ranks newcomers by their own curves. On the MLP
 curves from the better half, 30 draws, SVR) the three best test configurations were kept 34–84% of the
 time with the final value as target and 97–100% with the remaining improvement.
 
+How far a prediction is trusted: a predictor fitted on 5-10 biased curves can be badly wrong — in the
+MLPF replay it predicted the best configurations' losses to *rise* (by up to 13) after epoch 3 or 9, and pruned
+them while they led their rung. So every refit also cross-validates each rung's model, and the model
+decides only where the threshold lies outside the range of its errors (``ERROR_TAIL``); otherwise, and
+while too few curves exist to cross-validate (six are needed; the policy refits at every new one until
+then), successive halving decides at the trial's own rungs.
+
 Until ``min_completed``
 trials have completed (and at rungs too early for the predictor's curve features), successive halving
 decides: asynchronous Hyperband when ``max_resource`` is known (plain ASHA with ``brackets=1``), ASHA
@@ -49,6 +56,14 @@ UNKNOWN_CATEGORY = -1.0
 #: the predictors scale every feature column on its own — does not grow with the rung: with every epoch
 #: of the rung at 81 a single prediction took 140 ms, above the 20 ms a decision may take.
 PREDICTOR_CURVE_POINTS = 6
+#: Folds of the cross-validation that measures a rung model's error at each refit (fewer with fewer curves).
+CV_FOLDS = 5
+#: The share of cross-validated errors left out on either side: a trial is pruned only if its prediction
+#: corrected by the lower quartile of the model's errors still misses the threshold, kept outright only if
+#: corrected by the upper quartile it still beats it; in between successive halving decides. Chosen on
+#: the replay's tuning seeds 100-109 (0.1: 0.90 of Hyperband's epochs; 0.25: 0.74; 0.3-0.35: 0.74 with a
+#: worse best on one seed).
+ERROR_TAIL = 0.25
 
 
 class ParamEncoder:
@@ -83,11 +98,21 @@ def _number(dim: Dimension, value: Any) -> float:
 
 
 @dataclass(frozen=True)
+class RungModel:
+    """One rung's predictor and the range of its cross-validated errors (true - predicted final value,
+    oriented so that lower is better): ``optimistic`` is the low end, ``pessimistic`` the high end."""
+
+    predictor: CurvePredictor
+    optimistic: float
+    pessimistic: float
+
+
+@dataclass(frozen=True)
 class FittedModels:
-    """Predictors by rung resource (epochs observed), and how many completed trials they came from."""
+    """Rung models by rung resource (epochs observed), and how many completed trials they came from."""
 
     n_completed: int
-    models: Mapping[int, CurvePredictor]
+    models: Mapping[int, RungModel]
 
 
 class PredictiveStopping(StoppingPolicy):
@@ -121,9 +146,11 @@ class PredictiveStopping(StoppingPolicy):
         # Imported here: scikit-learn and the annealers take seconds to import, which a server whose
         # studies use other policies should not pay at start-up.
         from steering_container.prediction import make_predictor
+        from steering_container.prediction.base import MIN_TRAINING_ROWS
         from steering_container.prediction.features import MIN_CURVE_POINTS
 
         self.min_curve_points = MIN_CURVE_POINTS
+        self.min_training_rows = MIN_TRAINING_ROWS
         if predictor_factory is None:
             make_predictor(predictor)  # an unknown name fails here, not in a background fit
             predictor_factory = partial(make_predictor, predictor)
@@ -141,20 +168,19 @@ class PredictiveStopping(StoppingPolicy):
         threshold = self._threshold(others) if fitted is not None else None
         rivals: Sequence[TrialView] | None = None
         for rung_step in crossed:
-            predicted = None if threshold is None else self._predict(fitted, trial, rung_step + 1)
-            if predicted is not None:
-                if self.oriented(predicted) >= threshold:
-                    return True
-            elif rung_step in own:
+            verdict = None if threshold is None else self._verdict(fitted, trial, rung_step + 1, threshold)
+            if verdict is None and rung_step in own:
                 rivals = self.fallback.rivals(trial, others) if rivals is None else rivals
-                if self.fallback.loses_rung(value, rung_step, rivals):
-                    return True
+                verdict = self.fallback.loses_rung(value, rung_step, rivals)
+            if verdict:
+                return True
         return False
 
     def predicted_final(self, trial: TrialView, resource: int) -> float | None:
         """The current models' prediction at the rung of ``resource`` epochs (None: no model, or the
         trial lacks a step the model needs)."""
-        return self._predict(self.fitted, trial, resource)
+        fitted = self.fitted
+        return None if fitted is None else self._predict(fitted.models.get(resource), trial, resource)
 
     def _threshold(self, others: Sequence[TrialView]) -> float | None:
         finals = [self.oriented(t.final) for t in others if t.completed]  # type: ignore[arg-type]
@@ -162,12 +188,24 @@ class PredictiveStopping(StoppingPolicy):
             return None
         return float(np.quantile(finals, self.quantile))
 
-    def _predict(self, fitted: FittedModels | None, trial: TrialView, resource: int) -> float | None:
+    def _verdict(self, fitted: FittedModels | None, trial: TrialView, resource: int, threshold: float) -> bool | None:
+        """The model's verdict at a rung: True to prune, False to continue, None when it cannot tell —
+        no model there, or the threshold lies within the range of its cross-validated errors."""
         model = None if fitted is None else fitted.models.get(resource)
-        observed = None if model is None else trial.values_at(observed_steps(resource))
-        if observed is None:
+        predicted = self._predict(model, trial, resource)
+        if model is None or predicted is None:
             return None
-        remaining = model.predict(self.encoder.encode([trial.params]), np.array([observed]))[0]
+        if self.oriented(predicted) + model.optimistic >= threshold:
+            return True
+        if self.oriented(predicted) + model.pessimistic < threshold:
+            return False
+        return None
+
+    def _predict(self, model: RungModel | None, trial: TrialView, resource: int) -> float | None:
+        observed = None if model is None else trial.values_at(observed_steps(resource))
+        if model is None or observed is None:
+            return None
+        remaining = model.predictor.predict(self.encoder.encode([trial.params]), np.array([observed]))[0]
         return float(observed[-1] + remaining)
 
     # -- learning ---------------------------------------------------------------------------------
@@ -176,15 +214,21 @@ class PredictiveStopping(StoppingPolicy):
         return list(self.rungs.resources(up_to))
 
     def wants_refit(self, completed: Sequence[TrialView]) -> bool:
+        """After ``refit_every`` new completed trials; and after every one while the models cannot be
+        cross-validated yet, since until then successive halving decides in their place."""
         fitted = self.fitted
-        return len(completed) >= self.min_completed and (
-            fitted is None or len(completed) - fitted.n_completed >= self.refit_every)
+        if len(completed) < self.min_completed:
+            return False
+        if fitted is None:
+            return True
+        new = len(completed) - fitted.n_completed
+        return new >= self.refit_every or (new > 0 and self._folds(fitted.n_completed) is None)
 
     def refit(self, completed: Sequence[TrialView]) -> None:
         """Fit one predictor per rung on the completed trials that reported the steps it sees there."""
         rows = [t for t in completed if t.completed]
         longest = max((max(t.curve, default=-1) + 1 for t in rows), default=0)
-        models: dict[int, CurvePredictor] = {}
+        models: dict[int, RungModel] = {}
         for resource in self.rung_resources(longest):
             if resource < self.min_curve_points:
                 continue
@@ -195,5 +239,36 @@ class PredictiveStopping(StoppingPolicy):
             hparams = self.encoder.encode([t.params for t, _ in usable])
             curves = np.array([observed for _, observed in usable], dtype=float)
             remaining = np.array([t.final for t, _ in usable], dtype=float) - curves[:, -1]
-            models[resource] = self._new_predictor().fit(hparams, curves, remaining)
+            models[resource] = self._fit_rung(hparams, curves, remaining)
         self.fitted = FittedModels(len(completed), models)
+
+    def _fit_rung(self, hparams: np.ndarray, curves: np.ndarray, remaining: np.ndarray) -> RungModel:
+        """A rung's predictor with its error range; a model too short of curves to be cross-validated gets
+        an unbounded range, so that successive halving decides for it."""
+        errors = self._cv_errors(hparams, curves, remaining)
+        predictor = self._new_predictor().fit(hparams, curves, remaining)
+        if errors is None:
+            return RungModel(predictor, -math.inf, math.inf)
+        optimistic, pessimistic = np.quantile(self._sign * errors, [ERROR_TAIL, 1 - ERROR_TAIL])
+        return RungModel(predictor, float(optimistic), float(pessimistic))
+
+    def _folds(self, n: int) -> int | None:
+        """``CV_FOLDS``, or one per curve (leave-one-out) when a fold's training part would be smaller than
+        a predictor accepts; None when even leave-one-out leaves too few."""
+        if n - math.ceil(n / CV_FOLDS) >= self.min_training_rows:
+            return CV_FOLDS
+        return n if n - 1 >= self.min_training_rows else None
+
+    def _cv_errors(self, hparams: np.ndarray, curves: np.ndarray, remaining: np.ndarray) -> np.ndarray | None:
+        """Out-of-fold errors (true - predicted) of a cross-validation (see _folds); None when too few curves."""
+        n = len(remaining)
+        folds = self._folds(n)
+        if folds is None:
+            return None
+        fold_of = np.arange(n) % folds
+        errors = np.empty(n)
+        for fold in range(folds):
+            test, train = fold_of == fold, fold_of != fold
+            model = self._new_predictor().fit(hparams[train], curves[train], remaining[train])
+            errors[test] = remaining[test] - np.asarray(model.predict(hparams[test], curves[test]), dtype=float)
+        return errors

@@ -41,6 +41,13 @@ def report(storage, decider, study_id, task, lease, step, value):
     return decider.decide(study_id, task, lease.point_id, step, value)
 
 
+def train(storage, sid, lease, steps=10, final=0.1):
+    """A whole training: every epoch reported to storage, then finished DONE; the finished point."""
+    for step in range(steps):
+        storage.report(lease.point_id, lease.lease_token, step, 1.0 / (step + 1), study_id=sid)
+    return storage.finish(lease.point_id, lease.lease_token, PointState.DONE, final, study_id=sid).point
+
+
 def test_asha_prunes_a_point_outranked_at_a_rung(storage):
     sid, task, (first, second, third) = study_with(storage, ASHA, 3)
     decider = StoppingDecider(storage, max_age=60.0)
@@ -65,7 +72,8 @@ def test_values_reported_elsewhere_are_seen_after_max_age(storage):
 
 
 class StaleSnapshot(SQLStorage):
-    """Reads the curves, then holds them back until released: a re-read overtaken by new reports."""
+    """Reads the curves and the points (the points last), then holds them back until released: a
+    re-read overtaken by new reports and tells."""
 
     def __init__(self, url):
         super().__init__(url)
@@ -73,12 +81,12 @@ class StaleSnapshot(SQLStorage):
         self.holding = threading.Event()
         self.release = threading.Event()
 
-    def intermediate_values(self, study_id):
-        curves = super().intermediate_values(study_id)
+    def list_points(self, study_id, *args, **kwargs):
+        points = super().list_points(study_id, *args, **kwargs)
         if self.hold.is_set():
             self.holding.set()
             self.release.wait(BLOCKED_FIT_LIMIT_S)
-        return curves
+        return points
 
 
 def test_reports_arriving_during_a_reload_are_not_lost(tmp_path):
@@ -98,7 +106,8 @@ def test_reports_arriving_during_a_reload_are_not_lost(tmp_path):
 
 
 class BlockingPredictor:
-    """A predictor whose fit takes as long as the test wants, and that predicts a hopeless final value."""
+    """A predictor whose fit takes as long as the test wants; it predicts the training curves' improvement
+    exactly (so its cross-validated errors are nil) and a hopeless one for any other curve."""
 
     fitting = threading.Event()
     release = threading.Event()
@@ -106,28 +115,27 @@ class BlockingPredictor:
     def fit(self, hparams, curves, final):
         self.fitting.set()
         self.release.wait(BLOCKED_FIT_LIMIT_S)
+        self.known = {tuple(curve): value for curve, value in zip(curves, final, strict=True)}
         return self
 
     def predict(self, hparams, curves):
-        return [1e9 for _ in range(len(curves))]
+        return [self.known.get(tuple(curve), 1e9) for curve in curves]
 
 
 def test_background_retraining_does_not_block_a_decision(storage):
     importlib.import_module("steering_container.prediction")  # a one-off import of seconds is not the point here
     block = {"policy": "predictive", "gracePeriod": 1, "reductionFactor": 3, "maxResource": 10, "brackets": 1,
              "minCompleted": 5}
-    sid, task, leases = study_with(storage, block, 7)
-    for lease in leases[:5]:
-        for step in range(10):
-            storage.report(lease.point_id, lease.lease_token, step, 1.0 / (step + 1), study_id=sid)
-        storage.finish(lease.point_id, lease.lease_token, PointState.DONE, 0.1)
+    sid, task, leases = study_with(storage, block, 9)
+    for lease in leases[:7]:  # seven: enough for the fitted models to be cross-validated
+        train(storage, sid, lease)
 
     def blocking_policy(task_):
         return PredictiveStopping(task_.space, grace_period=1, reduction_factor=3, max_resource=10, brackets=1,
                                   min_completed=5, predictor_factory=BlockingPredictor)
 
     decider = StoppingDecider(storage, max_age=60.0, policy_factory=blocking_policy)
-    runner = leases[5]
+    runner = leases[7]
     answers = []
 
     def decide(step, value):
@@ -153,6 +161,84 @@ def test_background_retraining_does_not_block_a_decision(storage):
     for step in range(3, 8):
         assert decide(step, 0.1)[0] is False
     assert decide(8, 0.1)[0] is True                       # rung 9: now the fitted model predicts 1e9
+
+
+class RecordingPredictor:
+    """Counts fits; predicts no further improvement."""
+
+    fits = 0
+
+    def fit(self, hparams, curves, final):
+        type(self).fits += 1
+        return self
+
+    def predict(self, hparams, curves):
+        return [0.0 for _ in range(len(curves))]
+
+
+PREDICTIVE = {"policy": "predictive", "gracePeriod": 1, "reductionFactor": 3, "maxResource": 10, "brackets": 1,
+              "minCompleted": 5}
+
+
+def recording_policy(task_):
+    return PredictiveStopping(task_.space, grace_period=1, reduction_factor=3, max_resource=10, brackets=1,
+                              min_completed=5, predictor_factory=RecordingPredictor)
+
+
+def test_a_point_told_done_is_learned_from_at_once(storage):
+    importlib.import_module("steering_container.prediction")
+    sid, task, leases = study_with(storage, PREDICTIVE, 7)
+    for lease in leases[:4]:
+        train(storage, sid, lease)
+    decider = StoppingDecider(storage, max_age=3600.0, policy_factory=recording_policy)
+    assert report(storage, decider, sid, task, leases[6], 0, 0.5) is False     # loads 4 completed: no fit
+    for step in range(10):                                                     # the fifth, seen by this process
+        report(storage, decider, sid, task, leases[4], step, 1.0 / (step + 1))
+    point = storage.finish(leases[4].point_id, leases[4].lease_token, PointState.DONE, 0.1, study_id=sid).point
+    assert decider.cached(sid).background.wait_idle(DECISION_TIMEOUT_S)
+    assert decider.cached(sid).policy.fitted is None                           # done, but unknown to the cache
+    decider.tell(point)
+    trial = decider.cached(sid).trials[point.id]
+    assert (trial.state, trial.final) == ("done", 0.1)
+    assert decider.cached(sid).background.wait_idle(DECISION_TIMEOUT_S)
+    assert decider.cached(sid).policy.fitted.n_completed == 5
+
+
+def test_a_told_point_whose_curve_went_to_another_process_is_read_from_storage(storage):
+    importlib.import_module("steering_container.prediction")
+    sid, task, leases = study_with(storage, PREDICTIVE, 7)
+    for lease in leases[:4]:
+        train(storage, sid, lease)
+    decider = StoppingDecider(storage, max_age=3600.0, policy_factory=recording_policy)
+    report(storage, decider, sid, task, leases[6], 0, 0.5)
+    decider.tell(train(storage, sid, leases[4]))                               # reported to another process
+    assert decider.cached(sid).background.wait_idle(DECISION_TIMEOUT_S)
+    assert len(decider.cached(sid).trials[leases[4].point_id].curve) == 10
+    assert decider.cached(sid).policy.fitted.n_completed == 5
+
+
+def test_a_tell_arriving_during_a_reload_is_not_lost(tmp_path):
+    with StaleSnapshot(f"sqlite:///{tmp_path / 'stale.db'}") as store:
+        sid, task, (first, _) = study_with(store, ASHA, 2)
+        decider = StoppingDecider(store, max_age=0.0)
+        report(store, decider, sid, task, first, 0, 1.0)
+        store.hold.set()
+        report(store, decider, sid, task, first, 1, 1.0)           # stale: a re-read starts and is held
+        assert store.holding.wait(DECISION_TIMEOUT_S)
+        store.hold.clear()
+        done = store.finish(first.point_id, first.lease_token, PointState.DONE, 0.5, study_id=sid).point
+        decider.tell(done)                                         # told after the snapshot was read
+        store.release.set()
+        assert decider.cached(sid).background.wait_idle(DECISION_TIMEOUT_S)
+        trial = decider.cached(sid).trials[first.point_id]
+        assert (trial.state, trial.final) == ("done", 0.5)
+
+
+def test_a_tell_for_a_study_not_loaded_here_does_nothing(storage):
+    sid, _, (lease,) = study_with(storage, ASHA, 1)
+    decider = StoppingDecider(storage, max_age=3600.0)
+    decider.tell(storage.finish(lease.point_id, lease.lease_token, PointState.DONE, 1.0, study_id=sid).point)
+    assert decider.cached(sid) is None
 
 
 # -- over HTTP ----------------------------------------------------------------------------------

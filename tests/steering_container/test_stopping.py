@@ -281,3 +281,96 @@ def test_make_policy_builds_the_rung_policies_with_the_block_settings():
     assert len(predictive_policy.fallback.brackets) == 5          # Hyperband brackets until the predictor decides
     with pytest.raises(ValueError, match="search space"):
         make_policy(block)
+
+
+# -- predictive: how far the predictor is trusted -------------------------------------------------
+class NearestNeighbour:
+    """Predicts the target of the training row with the nearest hyperparameters: its cross-validated
+    errors are zero when trials with equal hyperparameters improve equally, and wide when they do not."""
+
+    def fit(self, hparams, curves, final):
+        self.hparams, self.final = np.asarray(hparams, dtype=float), np.asarray(final, dtype=float)
+        return self
+
+    def predict(self, hparams, curves):
+        distances = np.abs(np.asarray(hparams, dtype=float)[:, None, :] - self.hparams[None, :, :]).sum(axis=2)
+        return self.final[distances.argmin(axis=1)]
+
+
+GOOD_LR, BAD_LR = 0.001, 0.1
+RUNG_STEP = 8
+
+
+def flat_trials(specs, start_id=100):
+    """Completed trials (lr, value at the rung, final value): flat at their rung value until the rung."""
+    return [view(start_id + i, {t: value for t in range(STEPS)} | {STEPS - 1: final}, "done", final,
+                 {"lr": lr, "width": 16, "seed": 3}) for i, (lr, value, final) in enumerate(specs)]
+
+
+#: Good-lr trials keep improving by 2 after the rung, bad-lr ones get worse by 2; rung values 1.0-1.7.
+CONSISTENT = flat_trials([(GOOD_LR if i % 2 else BAD_LR, 1.0 + i / 10, 1.0 + i / 10 + (-2 if i % 2 else 2))
+                          for i in range(8)])
+
+
+def at_rung(trial_id, lr, value):
+    return view(trial_id, {t: value for t in range(RUNG_STEP + 1)}, params={"lr": lr, "width": 16, "seed": 3})
+
+
+def nearest_policy(**options):
+    return predictive(min_completed=5, predictor_factory=NearestNeighbour, **options)
+
+
+def test_a_cross_validated_predictor_overrules_the_rank_at_the_rung():
+    policy, asha = nearest_policy(), AshaStopping(1, 3, STEPS)
+    policy.refit(CONSISTENT)
+    model = policy.fitted.models[RUNG_STEP + 1]
+    assert (model.optimistic, model.pessimistic) == (0.0, 0.0)
+    leader, laggard = at_rung(1, BAD_LR, 0.5), at_rung(2, GOOD_LR, 1.3)
+    assert not asha.should_prune(leader, RUNG_STEP, CONSISTENT) and asha.should_prune(laggard, RUNG_STEP, CONSISTENT)
+    assert policy.should_prune(leader, RUNG_STEP, CONSISTENT)        # predicted 2.5: above the quantile
+    assert not policy.should_prune(laggard, RUNG_STEP, CONSISTENT)   # predicted -0.7: below it (-0.55)
+
+
+class MeanImprovement:
+    """Predicts the training rows' mean target whatever the input."""
+
+    def fit(self, hparams, curves, final):
+        self.mean = float(np.mean(final))
+        return self
+
+    def predict(self, hparams, curves):
+        return np.full(len(curves), self.mean)
+
+
+def test_successive_halving_decides_where_the_threshold_lies_within_the_predictors_errors():
+    # Improvements of -2 and +2 by turns that no input foretells: cross-validated errors of about ±2.
+    erratic = flat_trials([(GOOD_LR, 1.0 + i / 10, 1.0 + i / 10 + (-2 if i % 2 else 2)) for i in range(8)])
+    policy, asha = predictive(min_completed=5, predictor_factory=MeanImprovement), AshaStopping(1, 3, STEPS)
+    policy.refit(erratic)
+    model = policy.fitted.models[RUNG_STEP + 1]
+    assert model.optimistic < 0 < model.pessimistic
+    for value in (0.5, 0.95, 1.65):
+        trial = at_rung(1, GOOD_LR, value)
+        assert policy.should_prune(trial, RUNG_STEP, erratic) == asha.should_prune(trial, RUNG_STEP, erratic), value
+
+
+def test_a_predictor_too_short_of_curves_to_be_cross_validated_leaves_the_decision_to_successive_halving():
+    five = CONSISTENT[:5]
+    policy, asha = nearest_policy(), AshaStopping(1, 3, STEPS)
+    policy.refit(five)
+    model = policy.fitted.models[RUNG_STEP + 1]
+    assert (model.optimistic, model.pessimistic) == (-math.inf, math.inf)
+    leader = at_rung(1, BAD_LR, 0.5)
+    assert not policy.should_prune(leader, RUNG_STEP, five) and not asha.should_prune(leader, RUNG_STEP, five)
+    assert policy.should_prune(at_rung(2, GOOD_LR, 1.65), RUNG_STEP, five)
+    policy.refit(CONSISTENT[:6])                                     # six curves: leave-one-out is possible
+    assert policy.fitted.models[RUNG_STEP + 1].optimistic == 0.0
+
+
+def test_predictive_refits_at_every_new_curve_until_its_models_can_be_cross_validated():
+    policy = nearest_policy(refit_every=5)
+    policy.refit(CONSISTENT[:5])
+    assert policy.wants_refit(CONSISTENT[:6])                        # five curves cannot be cross-validated
+    policy.refit(CONSISTENT[:6])
+    assert not policy.wants_refit(CONSISTENT[:7])                    # six can: back to every refit_every
+    assert policy.wants_refit(CONSISTENT[:6] + completed_trials(LEVELS[:5]))
