@@ -5,7 +5,9 @@ Workers never wait on steering: ``ask`` answers "wait" and pokes the scheduler, 
 once in its own thread pool. One steering run per study at a time is guaranteed by the storage claim
 (``begin_steering``), so several server processes on one database cooperate; unlike iDDS, steering
 starts as soon as unevaluated points fall below ``max(minUnevaluatedPoints, nParallelEvaluation)`` and
-asks for ``nPointsPerIteration`` at a time.
+asks for ``nPointsPerIteration`` at a time. A started scheduler makes in-process proposals (the steering
+API, ``propose``) in processes of its own (:class:`orchestrator.steering.ProposalProcesses`), so that
+they never hold the interpreter lock the request threads need.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from orchestrator.config import Settings
 from orchestrator.metrics import Metrics
-from orchestrator.steering import SteeringCancelled, SteeringFailure, steer
+from orchestrator.steering import ProposalProcesses, SteeringCancelled, SteeringFailure, steer
 from orchestrator.storage.base import NotFoundError, PointCounts, Storage, StudyRecord, StudyState
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ class Scheduler:
         self._active: set[int] = set()
         self._backoff_until: dict[int, float] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._processes: ProposalProcesses | None = None
         self._thread: threading.Thread | None = None
         self._next_reap = 0.0
         self._next_sweep = 0.0
@@ -55,6 +58,7 @@ class Scheduler:
             return
         self._stopping.clear()
         self._pool = ThreadPoolExecutor(self.settings.steering_workers, thread_name_prefix="hepopt-steering")
+        self._processes = ProposalProcesses(self.settings.steering_workers)
         self._thread = threading.Thread(target=self._loop, name="hepopt-scheduler", daemon=True)
         self._thread.start()
 
@@ -68,7 +72,9 @@ class Scheduler:
         self._thread.join(STOP_TIMEOUT_S)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-        self._thread = self._pool = None
+        if self._processes is not None:
+            self._processes.close()
+        self._thread = self._pool = self._processes = None
 
     def poke(self, study_id: int | None = None) -> None:
         """Look at ``study_id`` (or every study) now instead of at the next interval."""
@@ -202,7 +208,7 @@ class Scheduler:
         for attempt in range(1, self.settings.steering_retries + 1):
             try:
                 points = steer(study.task, self.storage.history(study_id), n, self.settings.steering_timeout,
-                               cancel=self._stopping)
+                               cancel=self._stopping, processes=self._processes)
                 break
             except SteeringCancelled:
                 self.storage.end_steering(study_id, error=study.steering_error)
