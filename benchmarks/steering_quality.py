@@ -10,6 +10,26 @@ random's), then a PASS/FAIL line: does every model-based method beat random's me
 A method that raises is reported as failed on those seeds, never dropped. Runs are spread over
 ``--jobs`` processes, one BLAS thread each.
 
+Which methods the bar applies to (``MODEL_BASED_METHODS``). The issue asks that model-based methods beat
+random: methods that fit something to the losses and propose where it predicts good points. They are
+
+* ``tpe``: fits two densities to the history, one of the best points and one of the rest, and proposes
+  where their ratio is highest;
+* ``nevergrad:CMA``: adapts a Gaussian search distribution (mean, covariance, step size) to the ranked
+  history;
+* ``nevergrad:NGOpt``, held to the bar although it is a wizard rather than an algorithm: on continuous
+  spaces it picks model-based optimisers (Cobyla's linear models in a trust region, MetaModel's quadratic
+  surrogate over CMA), on spaces with a categorical a discrete (1+1) evolution strategy. It is nevergrad's
+  recommended default, the optimiser users pick, so exempting it for what it picks on mixed spaces would hide
+  exactly the weakness the check is there to catch.
+
+Not model-based, so printed with their medians and win rates and named in the verdict line, but not part
+of PASS/FAIL: ``anneal`` (hyperopt's annealing, by its own description "a simple variation on random
+search": it samples near one of the best past points with a width that shrinks on a fixed schedule,
+fitting nothing to the losses), ``nevergrad:TwoPointsDE`` and the rest of differential evolution (a
+population of good points; new points from their differences), the (1+1) family (one parent and a step
+size) and any other method not listed. ``random`` is the baseline.
+
     python benchmarks/steering_quality.py --seeds 20 --budgets 25 50 100 --json quality.json
 """
 
@@ -45,6 +65,8 @@ except ModuleNotFoundError:  # run as a script: benchmarks/ itself is on sys.pat
 
 #: The baseline every method is compared with; always run.
 BASELINE = "random"
+#: Methods the PASS/FAIL check applies to (see the module docstring for why these and not the others).
+MODEL_BASED_METHODS = frozenset({"tpe", "nevergrad:CMA", "nevergrad:NGOpt"})
 DEFAULT_METHODS = ("random", "tpe", "anneal", "nevergrad:NGOpt", "nevergrad:CMA", "nevergrad:TwoPointsDE")
 PROBLEMS = ("branin", "hartmann6", "mlpf")
 DEFAULT_BUDGETS = (25, 50, 100)
@@ -198,18 +220,35 @@ def _row(problem: str, method: str, budget: int, bests: dict[int, float | None],
 
 
 def verdict(rows: list[Row], problem: str) -> tuple[bool | None, str]:
-    """PASS when every model-based method's median at CHECK_BUDGET is below random's."""
+    """PASS when every model-based method's median at CHECK_BUDGET is below random's, on every seed.
+
+    The other methods are named with their gap and win rate, so the line never hides that they were run.
+    """
     at = {r.method: r for r in rows if r.budget == CHECK_BUDGET}
     if not at:
         return None, f"NOT CHECKED {problem}: {CHECK_BUDGET} is not among --budgets"
     reference = at[BASELINE].median
-    losers = [f"{m} {_fmt(r.median)} ({_gap(r, reference)})" for m, r in at.items()
-              if m != BASELINE and (r.median is None or reference is None or r.median >= reference
-                                    or r.seeds_ok < r.seeds)]
-    claim = f"every model-based method beats random on the median at {CHECK_BUDGET} evaluations"
+    others = [m for m in at if m != BASELINE and m not in MODEL_BASED_METHODS]
+    unchecked = (f"; not model-based, not checked: {', '.join(_standing(at[m], reference) for m in others)}"
+                 if others else "")
+    checked = [m for m in at if m in MODEL_BASED_METHODS]
+    if not checked:
+        return None, f"NOT CHECKED {problem}: no model-based method among --methods{unchecked}"
+    losers = [_standing(at[m], reference) for m in checked if not _beats(at[m], reference)]
+    claim = f"every model-based method ({', '.join(checked)}) beats random on the median at {CHECK_BUDGET} evaluations"
     if not losers:
-        return True, f"PASS {problem}: {claim}"
-    return False, f"FAIL {problem}: not {claim}; random {_fmt(reference)}, behind or equal: {', '.join(losers)}"
+        return True, f"PASS {problem}: {claim}{unchecked}"
+    return False, (f"FAIL {problem}: not {claim}; random {_fmt(reference)}, behind or equal: {', '.join(losers)}"
+                   f"{unchecked}")
+
+
+def _beats(row: Row, reference: float | None) -> bool:
+    return row.median is not None and reference is not None and row.median < reference and row.seeds_ok == row.seeds
+
+
+def _standing(row: Row, reference: float | None) -> str:
+    win = "" if row.win_rate is None else f", wins {row.win_rate:.0%}"
+    return f"{row.method} {_fmt(row.median)} ({_gap(row, reference)}{win})"
 
 
 def _gap(row: Row, reference: float | None) -> str:
@@ -232,6 +271,8 @@ def format_table(rows: list[Row], runs: list[Run], methods: Sequence[str], budge
         win = "—" if row.win_rate is None else f"{row.win_rate:.0%}"
         lines.append(f"{row.budget:>5}  {row.method:<{width}}{_fmt(row.median):>10}  {iqr:<23}{win:>13}"
                      f"  {row.seeds_ok}/{row.seeds}")
+    checked = [m for m in methods if m in MODEL_BASED_METHODS]
+    lines.append(f"model-based, checked at {CHECK_BUDGET}: {', '.join(checked) or 'none'}; others reported only")
     lines.append(f"seconds in propose() per run of {budget} evaluations (mean over seeds):")
     lines.append("  " + ", ".join(f"{m} {_mean_seconds(runs, m):.2f}" for m in methods))
     lines.extend(_failure_lines(runs, methods))
