@@ -89,15 +89,22 @@ class StaleSnapshot(SQLStorage):
         return points
 
 
+def reload_held(store):
+    """A study of two running points whose first has reported twice, the second report starting a
+    re-read that ``store`` holds after its last read: (decider, study id, task, leases)."""
+    sid, task, leases = study_with(store, ASHA, 2)
+    decider = StoppingDecider(store, max_age=0.0)
+    report(store, decider, sid, task, leases[0], 0, 1.0)
+    store.hold.set()
+    report(store, decider, sid, task, leases[0], 1, 1.0)           # stale: a re-read starts and is held
+    assert store.holding.wait(DECISION_TIMEOUT_S)
+    store.hold.clear()
+    return decider, sid, task, leases
+
+
 def test_reports_arriving_during_a_reload_are_not_lost(tmp_path):
     with StaleSnapshot(f"sqlite:///{tmp_path / 'stale.db'}") as store:
-        sid, task, (first, second) = study_with(store, ASHA, 2)
-        decider = StoppingDecider(store, max_age=0.0)
-        report(store, decider, sid, task, first, 0, 1.0)
-        store.hold.set()
-        report(store, decider, sid, task, first, 1, 1.0)           # stale: a re-read starts and is held
-        assert store.holding.wait(DECISION_TIMEOUT_S)
-        store.hold.clear()
+        decider, sid, task, (first, second) = reload_held(store)
         report(store, decider, sid, task, second, 0, 3.0)          # arrives after the snapshot was read
         store.release.set()
         assert decider.cached(sid).background.wait_idle(DECISION_TIMEOUT_S)
@@ -185,13 +192,20 @@ def recording_policy(task_):
                               min_completed=5, predictor_factory=RecordingPredictor)
 
 
-def test_a_point_told_done_is_learned_from_at_once(storage):
+def four_trained(storage):
+    """A predictive study of 7 points, 4 of them trained and done, loaded by a decider that has not
+    fitted yet (4 < minCompleted): (decider, study id, task, leases)."""
     importlib.import_module("steering_container.prediction")
     sid, task, leases = study_with(storage, PREDICTIVE, 7)
     for lease in leases[:4]:
         train(storage, sid, lease)
     decider = StoppingDecider(storage, max_age=3600.0, policy_factory=recording_policy)
     assert report(storage, decider, sid, task, leases[6], 0, 0.5) is False     # loads 4 completed: no fit
+    return decider, sid, task, leases
+
+
+def test_a_point_told_done_is_learned_from_at_once(storage):
+    decider, sid, task, leases = four_trained(storage)
     for step in range(10):                                                     # the fifth, seen by this process
         report(storage, decider, sid, task, leases[4], step, 1.0 / (step + 1))
     point = storage.finish(leases[4].point_id, leases[4].lease_token, PointState.DONE, 0.1, study_id=sid).point
@@ -205,12 +219,7 @@ def test_a_point_told_done_is_learned_from_at_once(storage):
 
 
 def test_a_told_point_whose_curve_went_to_another_process_is_read_from_storage(storage):
-    importlib.import_module("steering_container.prediction")
-    sid, task, leases = study_with(storage, PREDICTIVE, 7)
-    for lease in leases[:4]:
-        train(storage, sid, lease)
-    decider = StoppingDecider(storage, max_age=3600.0, policy_factory=recording_policy)
-    report(storage, decider, sid, task, leases[6], 0, 0.5)
+    decider, sid, _, leases = four_trained(storage)
     decider.tell(train(storage, sid, leases[4]))                               # reported to another process
     assert decider.cached(sid).background.wait_idle(DECISION_TIMEOUT_S)
     assert len(decider.cached(sid).trials[leases[4].point_id].curve) == 10
@@ -219,13 +228,7 @@ def test_a_told_point_whose_curve_went_to_another_process_is_read_from_storage(s
 
 def test_a_tell_arriving_during_a_reload_is_not_lost(tmp_path):
     with StaleSnapshot(f"sqlite:///{tmp_path / 'stale.db'}") as store:
-        sid, task, (first, _) = study_with(store, ASHA, 2)
-        decider = StoppingDecider(store, max_age=0.0)
-        report(store, decider, sid, task, first, 0, 1.0)
-        store.hold.set()
-        report(store, decider, sid, task, first, 1, 1.0)           # stale: a re-read starts and is held
-        assert store.holding.wait(DECISION_TIMEOUT_S)
-        store.hold.clear()
+        decider, sid, _, (first, _) = reload_held(store)
         done = store.finish(first.point_id, first.lease_token, PointState.DONE, 0.5, study_id=sid).point
         decider.tell(done)                                         # told after the snapshot was read
         store.release.set()
