@@ -137,14 +137,13 @@ class ProposalProcesses:
 
     def _take(self) -> multiprocessing.pool.Pool:
         pool = self._idle.get()
-        if pool is not None:
-            return pool
         with self._lock:
-            if self._closed:
+            if self._closed:  # its process, if any, was stopped by close()
                 self._idle.put(None)
                 raise SteeringCancelled("the server is stopping")
-            pool = multiprocessing.get_context(PROCESS_START_METHOD).Pool(1)
-            self._all.add(pool)
+            if pool is None:
+                pool = multiprocessing.get_context(PROCESS_START_METHOD).Pool(1)
+                self._all.add(pool)
         return pool
 
     def _discard(self, pool: multiprocessing.pool.Pool) -> None:

@@ -69,3 +69,11 @@ def test_a_stopping_server_cancels_the_run_and_ends_every_process(processes, mak
         steer(task, history(10), 2, ANSWER_TIMEOUT_S, cancel=cancel, processes=processes)
     processes.close()
     assert started and not any(Path(f"/proc/{pid}").exists() for pid in started)
+
+
+def test_a_run_asked_for_after_close_is_cancelled_not_broken(processes, make_task):
+    task = parse_task(make_task())
+    steer(task, history(10), 2, ANSWER_TIMEOUT_S, processes=processes)
+    processes.close()
+    with pytest.raises(SteeringCancelled):
+        steer(task, history(10), 2, ANSWER_TIMEOUT_S, processes=processes)
