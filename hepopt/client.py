@@ -8,15 +8,9 @@ Each verb maps to one route of docs/REST_API.md. The bytes travel through a :cla
 from __future__ import annotations
 
 import abc
-import contextlib
 import hashlib
-import http.client
-import json as jsonlib
 import logging
-import select
-import socket
 import ssl
-import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -28,6 +22,7 @@ from urllib.parse import urlsplit
 import certifi
 import requests
 
+from hepopt.connections import DirectConnections, InvalidTarget, Unreachable
 from hepopt.errors import (
     ChecksumMismatch,
     ClientError,
@@ -85,9 +80,9 @@ class HttpTransport(Transport):
     Only failures that cannot have half-applied a request are retried: a refused or dropped connection
     and 502/503/504 from a proxy. A read timeout is not retried, because the server may have acted.
 
-    Without a proxy each thread keeps one keep-alive ``http.client`` connection: a worker's requests are
-    small and many, and ``requests`` costs several times the CPU of the exchange itself. Through a proxy
-    (from the environment) the requests session carries the bytes.
+    Without a proxy each thread keeps one keep-alive connection (:mod:`hepopt.connections`): a worker's
+    requests are small and many, and ``requests`` costs several times the CPU of the exchange itself.
+    Through a proxy (from the environment) the requests session carries the bytes.
     """
 
     def __init__(self, url: str, token: str | None, timeout: float = DEFAULT_TIMEOUT_S,
@@ -97,10 +92,14 @@ class HttpTransport(Transport):
         self.timeout = timeout
         self.retries = retries
         self.session = _session_with_environment(self.base_url, verify)
+        #: What the direct connections send besides a request's own headers: only what the server reads.
+        self._direct_headers: dict[str, str] = {}
         if token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
-        direct = not any(key in self.session.proxies for key in (urlsplit(self.base_url).scheme, "all"))
-        self._direct = _DirectConnections(self.base_url, timeout, self.session.verify) if direct else None
+            self.session.headers["Authorization"] = self._direct_headers["Authorization"] = f"Bearer {token}"
+        scheme = urlsplit(self.base_url).scheme
+        direct = not any(key in self.session.proxies for key in (scheme, "all"))
+        context = _ssl_context(self.session.verify) if scheme == "https" else None
+        self._direct = DirectConnections(self.base_url, timeout, context) if direct else None
 
     def request(self, method: str, path: str, json: Any = None, data: bytes | None = None,
                 headers: Mapping[str, str] | None = None) -> ResponseLike:
@@ -108,11 +107,11 @@ class HttpTransport(Transport):
             last = attempt == self.retries
             try:
                 response = self._once(method, path, json, data, headers)
-            except _Unreachable as exc:
+            except Unreachable as exc:
                 if last:
                     raise ClientError(f"cannot reach {self.base_url}: {exc}") from None
                 log.warning("orchestrator unreachable (%s); retrying", exc)
-            except (requests.RequestException, OSError, http.client.HTTPException) as exc:
+            except (requests.RequestException, OSError, InvalidTarget) as exc:
                 raise ClientError(f"{method} {path} failed: {exc}") from None
             else:
                 if response.status_code not in RETRYABLE_STATUSES or last:
@@ -124,99 +123,17 @@ class HttpTransport(Transport):
     def _once(self, method: str, path: str, json: Any, data: bytes | None,
               headers: Mapping[str, str] | None) -> ResponseLike:
         if self._direct is not None:
-            return self._direct.request(method, path, json, data, {**self.session.headers, **(headers or {})})
+            return self._direct.request(method, path, json, data, {**self._direct_headers, **(headers or {})})
         try:
             return self.session.request(method, self.base_url + path, json=json, data=data,
                                         headers=dict(headers or {}), timeout=self.timeout)
         except requests.ConnectionError as exc:
-            raise _Unreachable(str(exc)) from None
+            raise Unreachable(str(exc)) from None
 
     def close(self) -> None:
         if self._direct is not None:
             self._direct.close()
         self.session.close()
-
-
-class _Unreachable(Exception):
-    """No answer and nothing sent that the server could have acted on: safe to retry."""
-
-
-@dataclass(frozen=True)
-class HttpResponse:
-    """An answer read in full from an ``http.client`` connection."""
-
-    status_code: int
-    headers: Mapping[str, str]
-    content: bytes
-
-    def json(self) -> Any:
-        return jsonlib.loads(self.content)
-
-
-class _DirectConnections:
-    """One keep-alive connection per thread to the orchestrator (``http.client`` is not thread-safe)."""
-
-    def __init__(self, base_url: str, timeout: float, verify: bool | str) -> None:
-        parts = urlsplit(base_url)
-        self.prefix = parts.path
-        self.host = parts.hostname or "localhost"
-        self.port = parts.port
-        self.timeout = timeout
-        self.context = _ssl_context(verify) if parts.scheme == "https" else None
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._all: list[http.client.HTTPConnection] = []
-
-    def request(self, method: str, path: str, json: Any, data: bytes | None,
-                headers: Mapping[str, str | bytes]) -> HttpResponse:
-        headers = dict(headers)
-        if json is not None:
-            data = jsonlib.dumps(json).encode()
-            headers["Content-Type"] = "application/json"
-        conn = self._connection()
-        try:
-            conn.request(method, self.prefix + path, body=data, headers=headers)
-            response = conn.getresponse()
-            return HttpResponse(response.status, response.headers, response.read())
-        except BaseException as exc:
-            self._discard(conn)
-            if isinstance(exc, ConnectionError):
-                raise _Unreachable(str(exc) or type(exc).__name__) from None
-            raise
-
-    def _connection(self) -> http.client.HTTPConnection:
-        """This thread's connection, opened now (failures are retryable) unless it is open and alive."""
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
-        if conn is not None and conn.sock is not None and _dropped(conn.sock):
-            self._discard(conn)
-            conn = None
-        if conn is None:
-            conn = (http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context)
-                    if self.context is not None else
-                    http.client.HTTPConnection(self.host, self.port, timeout=self.timeout))
-            with self._lock:
-                self._all.append(conn)
-            self._local.conn = conn
-        if conn.sock is None:
-            try:
-                conn.connect()
-            except OSError as exc:
-                self._discard(conn)
-                raise _Unreachable(str(exc) or type(exc).__name__) from None
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
-
-    def _discard(self, conn: http.client.HTTPConnection) -> None:
-        conn.close()
-        self._local.conn = None
-        with self._lock, contextlib.suppress(ValueError):
-            self._all.remove(conn)
-
-    def close(self) -> None:
-        with self._lock:
-            conns, self._all = self._all, []
-        for conn in conns:
-            conn.close()
 
 
 def _session_with_environment(url: str, verify: bool | str) -> requests.Session:
@@ -232,14 +149,6 @@ def _session_with_environment(url: str, verify: bool | str) -> requests.Session:
     session.verify = settings["verify"]
     session.trust_env = False
     return session
-
-
-def _dropped(sock: socket.socket) -> bool:
-    """An idle keep-alive socket that is readable was closed by the server (or holds junk): reconnect
-    rather than send a request into it."""
-    poller = select.poll()  # not select.select: it refuses descriptors above 1023
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def _ssl_context(verify: bool | str) -> ssl.SSLContext:

@@ -1,5 +1,5 @@
 """The HTTP transport's keep-alive connections against a real (stdlib) HTTP server: answer framings,
-keep-alive reuse and recovery, and refused header injection."""
+keep-alive reuse and recovery, refused header injection, and answers that break off or make no sense."""
 
 from __future__ import annotations
 
@@ -22,10 +22,12 @@ IDLE_CLOSE_S = 0.2
 
 class Framings(BaseHTTPRequestHandler):
     """Answers /sized, /chunked, /close, /eof (HTTP/1.0, no length), /empty (204), /continue (100 first),
-    /echo (the request's headers and body); counts the connections it accepted."""
+    /truncated (closes before the announced length), /garbage (not HTTP), /hangup (closes without a
+    word), /echo (the request's headers and body); counts the connections it accepted."""
 
     protocol_version = "HTTP/1.1"
     connections: ClassVar[list[int]] = []
+    hangups: ClassVar[int] = 0
 
     def setup(self) -> None:
         super().setup()
@@ -48,6 +50,16 @@ class Framings(BaseHTTPRequestHandler):
             self.close_connection = True
         elif route == "empty":
             self._start(204, {})
+        elif route == "truncated":
+            self._start(200, {"Content-Length": str(len(payload) + 10)})
+            self.wfile.write(payload)
+            self.close_connection = True
+        elif route == "garbage":
+            self.wfile.write(b"SMTP ready\r\n\r\n")
+            self.close_connection = True
+        elif route == "hangup":
+            Framings.hangups += 1
+            self.close_connection = True
         elif route == "continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self._start(200, {"Content-Length": str(len(payload))})
@@ -58,9 +70,11 @@ class Framings(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        answer = json.dumps({"headers": dict(self.headers.items()), "body": body.decode()}).encode()
+        answer = json.dumps({"headers": dict(self.headers.items()), "body": body.decode("latin-1")}).encode()
         self._start(200, {"Content-Length": str(len(answer))})
         self.wfile.write(answer)
+
+    do_PUT = do_POST
 
     def _start(self, status: int, headers: dict[str, str]) -> None:
         self.send_response(status)
@@ -81,6 +95,7 @@ class IdleClosing(Framings):
 
 def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     Framings.connections.clear()
+    Framings.hangups = 0
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -159,5 +174,47 @@ def test_a_connection_the_server_closed_while_idle_is_reopened(idle_closing_url:
         time.sleep(3 * IDLE_CLOSE_S)  # the server has closed the connection meanwhile
         assert transport.request("GET", "/sized").json() == BODY
         assert len(Framings.connections) == 2
+    finally:
+        transport.close()
+
+
+def test_chunked_trailers_are_not_taken_for_headers(url: str) -> None:
+    transport = HttpTransport(url, "secret", retries=0)
+    try:
+        assert "X-Trailer" not in transport.request("GET", "/chunked").headers
+    finally:
+        transport.close()
+
+
+def test_a_large_body_arrives_whole(url: str) -> None:
+    data = bytes(range(256)) * 1024  # 256 KiB: written after the request head, not joined to it
+    transport = HttpTransport(url, "secret", retries=0)
+    try:
+        echoed = transport.request("PUT", "/echo", data=data).json()
+        assert echoed["body"].encode("latin-1") == data
+    finally:
+        transport.close()
+
+
+def test_an_answer_cut_short_or_not_http_fails_at_once_and_the_connection_recovers(url: str) -> None:
+    transport = HttpTransport(url, "secret", retries=3)
+    try:
+        with pytest.raises(ClientError, match="in the middle of its answer"):
+            transport.request("GET", "/truncated")
+        with pytest.raises(ClientError, match="malformed answer"):
+            transport.request("GET", "/garbage")
+        assert transport.request("GET", "/sized").json() == BODY
+        assert len(Framings.connections) == 3  # each failure cost its connection, and nothing was retried
+    finally:
+        transport.close()
+
+
+def test_no_answer_at_all_is_retried_then_reported_as_unreachable(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("hepopt.client.BACKOFF_BASE_S", 0.01)
+    transport = HttpTransport(url, "secret", retries=1)
+    try:
+        with pytest.raises(ClientError, match="cannot reach"):
+            transport.request("GET", "/hangup")
+        assert Framings.hangups == 2
     finally:
         transport.close()
