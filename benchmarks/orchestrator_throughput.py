@@ -78,7 +78,7 @@ SERVER_START_TIMEOUT_S = 120.0
 SPACE_BOUNDS = (-5.0, 5.0)
 PRELOAD_CHUNK = 1_000
 #: Points kept ready by steering: workers should find one at every ask, so the queue is what is measured.
-READY_POINTS_PER_WORKER = 4
+READY_POINTS_PER_WORKER = 16
 STEERING_BATCH = 512
 #: A scratch cluster needs no durability; these settings make it several times faster (as in the tests).
 PG_OPTIONS = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300"

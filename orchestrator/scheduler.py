@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from orchestrator.config import Settings
 from orchestrator.metrics import Metrics
-from orchestrator.steering import ProposalProcesses, SteeringCancelled, SteeringFailure, steer
+from orchestrator.steering import History, ProposalProcesses, SteeringCancelled, SteeringFailure, StoredHistory, steer
 from orchestrator.storage.base import NotFoundError, PointCounts, Storage, StudyRecord, StudyState
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ class Scheduler:
         error = None
         for attempt in range(1, self.settings.steering_retries + 1):
             try:
-                points = steer(study.task, self.storage.history(study_id), n, self.settings.steering_timeout,
+                points = steer(study.task, self._history(study), n, self.settings.steering_timeout,
                                cancel=self._stopping, processes=self._processes)
                 break
             except SteeringCancelled:
@@ -227,6 +227,13 @@ class Scheduler:
         self.storage.end_steering(study_id)
         if not added:
             self._complete_if_exhausted(study_id)
+
+    def _history(self, study: StudyRecord) -> History:
+        """What steering reads: a reference for a proposal process to read itself where it can."""
+        url = self.storage.shared_url()
+        if url is not None and self._processes is not None and not study.task.steeringExec:
+            return StoredHistory(url, study.id)
+        return self.storage.history(study.id)
 
     def _complete_if_exhausted(self, study_id: int) -> None:
         """Steering proposing nothing ends the search (iDDS: ``[]``) once no point is left to evaluate."""

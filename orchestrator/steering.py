@@ -4,6 +4,7 @@ iDDS works here unchanged."""
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import multiprocessing.pool
@@ -17,12 +18,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hepopt.errors import HepoptError, SpecError
 from hepopt.space import SearchSpace
 from hepopt.task import Task
+from orchestrator.storage.base import Storage
 from steering_container.api import Observation, propose
 from steering_container.idds import write_json_atomic
 
@@ -48,7 +51,25 @@ class SteeringCancelled(SteeringFailure):
     """The server is stopping: the steering command was killed, which says nothing about the study."""
 
 
-def steer(task: Task, history: Sequence[Observation], n: int, timeout: float,
+@dataclass(frozen=True)
+class StoredHistory:
+    """A study's history for a proposal process to read from the database itself.
+
+    Read in the server and sent to the process, a 10,000-point history cost the server about 0.15 s
+    of CPU (reading, decoding, pickling), much of it in single calls that hold the interpreter lock,
+    and every request in flight stalled meanwhile."""
+
+    db_url: str
+    study_id: int
+
+    def read(self) -> list[Observation]:
+        return _reader(self.db_url).history(self.study_id)
+
+
+History = Sequence[Observation] | StoredHistory
+
+
+def steer(task: Task, history: History, n: int, timeout: float,
           cancel: threading.Event | None = None, processes: ProposalProcesses | None = None) -> list[dict[str, Any]]:
     """Up to ``n`` new points for the study; [] means the search has nothing left to propose.
 
@@ -56,16 +77,16 @@ def steer(task: Task, history: Sequence[Observation], n: int, timeout: float,
     without them a proposal runs in the calling thread and cannot be interrupted.
     """
     if task.steeringExec:
-        return steer_exec(task, history, n, timeout, cancel)
+        return steer_exec(task, _observations(history), n, timeout, cancel)
     if processes is not None:
         return processes.propose(task, history, n, timeout, cancel or threading.Event())
     return steer_in_process(task, history, n)
 
 
-def steer_in_process(task: Task, history: Sequence[Observation], n: int) -> list[dict[str, Any]]:
+def steer_in_process(task: Task, history: History, n: int) -> list[dict[str, Any]]:
     """``propose`` with the task's method and seed (it mixes the history length into the seed)."""
     options = task.hepopt
-    outcome, value = _propose_outcome(task.space, list(history), n, options.method, options.seed, options.direction)
+    outcome, value = _propose_outcome(task.space, history, n, options.method, options.seed, options.direction)
     if outcome == REFUSED:
         raise SteeringFailure(value)
     return value
@@ -95,14 +116,15 @@ class ProposalProcesses:
         self._all: set[multiprocessing.pool.Pool] = set()
         self._closed = False
 
-    def propose(self, task: Task, history: Sequence[Observation], n: int, timeout: float,
+    def propose(self, task: Task, history: History, n: int, timeout: float,
                 cancel: threading.Event) -> list[dict[str, Any]]:
         if cancel.is_set():
             raise SteeringCancelled("the server is stopping")
         options = task.hepopt
         pool = self._take()
         try:
-            pending = pool.apply_async(_propose_outcome, (task.space, list(history), n, options.method,
+            shipped = history if isinstance(history, StoredHistory) else list(history)
+            pending = pool.apply_async(_propose_outcome, (task.space, shipped, n, options.method,
                                                           options.seed, options.direction))
             outcome, value = self._wait(pending, timeout, cancel)
         except BaseException:
@@ -153,14 +175,26 @@ class ProposalProcesses:
         pool.terminate()
 
 
-def _propose_outcome(space: SearchSpace, history: list[Observation], n: int, method: str, seed: int | None,
+def _propose_outcome(space: SearchSpace, history: History, n: int, method: str, seed: int | None,
                      direction: str) -> tuple[str, Any]:
     """``(PROPOSED, points)``, or ``(REFUSED, message)`` when steering refuses the input (a SpecError,
     which is not sent between processes as an exception)."""
     try:
-        return PROPOSED, propose(space, history, n, method, seed, direction)  # type: ignore[arg-type]
+        return PROPOSED, propose(space, _observations(history), n, method, seed, direction)  # type: ignore[arg-type]
     except SpecError as exc:
         return REFUSED, str(exc)
+
+
+def _observations(history: History) -> list[Observation]:
+    return history.read() if isinstance(history, StoredHistory) else list(history)
+
+
+@functools.cache
+def _reader(db_url: str) -> Storage:
+    """This process's storage on ``db_url``, opened once: a proposal process serves many runs."""
+    from orchestrator.storage.sql import SQLStorage
+
+    return SQLStorage(db_url, migrate=False)
 
 
 def steer_exec(task: Task, history: Sequence[Observation], n: int, timeout: float,

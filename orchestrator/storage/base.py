@@ -357,6 +357,11 @@ class Storage(abc.ABC):
         """The point's latest checkpoint, or None."""
 
     # -- lifecycle ----------------------------------------------------------------------------
+    def shared_url(self) -> str | None:
+        """A URL that another process can open (without migrating) to read the same data; None when the
+        data lives in this process only."""
+        return None
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release connections; the object is unusable afterwards."""

@@ -213,6 +213,11 @@ class SQLStorage(Storage):
         with self.engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
 
+    def shared_url(self) -> str | None:
+        if self.dialect == "sqlite" and self.url.database in (None, "", ":memory:"):
+            return None
+        return self.url.render_as_string(hide_password=False)
+
     def close(self) -> None:
         self._kept.close()
         self.engine.dispose()

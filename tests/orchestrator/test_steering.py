@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from hepopt.task import parse_task
-from orchestrator.steering import ProposalProcesses, SteeringCancelled, SteeringFailure, steer
+from orchestrator.steering import ProposalProcesses, SteeringCancelled, SteeringFailure, StoredHistory, steer
+from orchestrator.storage.base import PointState
+from orchestrator.storage.sql import SQLStorage
 from steering_container.api import Observation
 
 #: Long enough for a proposal process to start and answer on a loaded machine.
@@ -36,6 +38,19 @@ def test_a_proposal_in_a_process_equals_one_in_the_calling_thread(processes, mak
     here = steer(task, history(30), 5, ANSWER_TIMEOUT_S)
     there = steer(task, history(30), 5, ANSWER_TIMEOUT_S, processes=processes)
     assert there == here and len(there) == 5
+
+
+def test_a_proposal_process_reads_a_stored_history_itself(processes, make_task, tmp_path):
+    task = parse_task(make_task(hepopt={"method": "tpe", "seed": 3}, maxPoints=100))
+    with SQLStorage(f"sqlite:///{tmp_path / 'hepopt.db'}") as storage:
+        study = storage.create_study("alice", task)
+        storage.add_points(study.id, [observation.params for observation in history(30)])
+        while (lease := storage.lease(study.id, "w")) is not None:
+            storage.finish(lease.point_id, lease.lease_token, PointState.DONE, float(lease.number))
+        assert storage.history(study.id) == history(30)
+        stored = StoredHistory(storage.shared_url(), study.id)
+        there = steer(task, stored, 5, ANSWER_TIMEOUT_S, processes=processes)
+    assert there == steer(task, history(30), 5, ANSWER_TIMEOUT_S) and len(there) == 5
 
 
 def test_runs_reuse_one_process_unless_they_overlap(processes, make_task):

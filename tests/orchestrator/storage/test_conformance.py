@@ -352,6 +352,20 @@ def test_intermediate_values_one_per_step_last_write_wins(storage: SQLStorage, m
 
 
 # -- reading ------------------------------------------------------------------------------------
+def test_the_shared_url_opens_the_same_data_without_migrating(storage: SQLStorage, make_task: MakeTask) -> None:
+    study = new_study(storage, make_task, 3)
+    reader = SQLStorage(storage.shared_url(), migrate=False)
+    try:
+        assert reader.history(study.id) == storage.history(study.id) and len(reader.history(study.id)) == 3
+    finally:
+        reader.close()
+
+
+def test_an_in_memory_database_has_no_shared_url() -> None:
+    with SQLStorage("sqlite://") as memory:
+        assert memory.shared_url() is None
+
+
 def test_history_maps_states_for_steering(storage: SQLStorage, make_task: MakeTask) -> None:
     study = new_study(storage, make_task, 5)
     leases = [storage.lease(study.id, f"w{i}", now=T0) for i in range(4)]
