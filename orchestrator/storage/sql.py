@@ -127,6 +127,9 @@ POOL_MAX_OVERFLOW = 16
 KEPT_CONNECTION_IDLE_S = 10.0
 #: Parsed tasks kept in memory (by their stored JSON text).
 TASK_CACHE_SIZE = 1024
+#: Points that add_points writes per transaction: the write lock is held meanwhile, and a steering batch
+#: of 512 points inserted in one transaction held every lease, report and finish for 50-100 ms under load.
+APPEND_CHUNK_POINTS = 64
 #: Key of the PostgreSQL advisory lock that serialises migrations ("hepo" in ASCII).
 MIGRATION_LOCK_KEY = 0x6865706F
 #: Secret lengths in random bytes; bearer tokens carry a prefix so secret scanners can spot them.
@@ -407,8 +410,20 @@ class SQLStorage(Storage):
                    now: float | None = None) -> list[PointRecord]:
         _bounded(origin, NAME_LENGTH, "origin")
         encoded = [_encode_params(params, i) for i, params in enumerate(params_list)]
-
-        return self._run_direct(lambda cur: _append_points(cur, self._hot.sql, study_id, encoded, origin, now))
+        at = clock(now)
+        added: list[PointRecord] = []
+        for start in range(0, max(len(encoded), 1), APPEND_CHUNK_POINTS):
+            chunk = encoded[start:start + APPEND_CHUNK_POINTS]
+            ids, first = self._run_direct(functools.partial(_append_points, sql=self._hot.sql, study_id=study_id,
+                                                            encoded=chunk, origin=origin, at=at))
+            added += [PointRecord(id=point_id, study_id=study_id, number=first + i, params=json.loads(params),
+                                  state=PointState.NEW, origin=origin, attempt=0, loss=None, message=None,
+                                  worker_id=None, lease_expires_at=None, created_at=at, updated_at=at,
+                                  finished_at=None)
+                      for i, (point_id, params) in enumerate(zip(ids, chunk[:len(ids)], strict=True))]
+            if len(ids) < len(chunk):
+                break
+        return added
 
     def get_point(self, point_id: int, study_id: int | None = None) -> PointRecord:
         def work(s: Session) -> PointRecord:
@@ -949,29 +964,24 @@ def _apply_writes(cur: DirectCursor, hot: _HotPath, batch: list[Pending[_Ask | _
 
 
 def _append_points(cur: DirectCursor, sql: dict[str, Compiled], study_id: int, encoded: list[str], origin: str,
-                   now: float | None) -> list[PointRecord]:
-    """Insert NEW points up to maxPoints in one batch: steering adds hundreds at a time, while every
-    other writer waits."""
+                   at: float) -> tuple[list[int], int]:
+    """Insert NEW points up to maxPoints: the ids of those inserted (in order) and the first one's number."""
     study = cur.first(sql["append_study"], b_study=study_id)
     if study is None:
         raise NotFoundError(f"study {study_id} not found")
-    at = clock(now)
     if study.state != StudyState.RUNNING:
-        return []
+        return [], study.n_points
     added = encoded[:max(0, study.max_points - study.n_points)]
-    if not added:
-        return []
     first = study.n_points
+    if not added:
+        return [], first
     cur.execute_many(sql["insert_point"], [
         {"study_id": study_id, "number": first + i, "params_json": params, "origin": origin,
          "state": PointState.NEW.value, "attempt": 0, "created_at": at, "updated_at": at}
         for i, params in enumerate(added)])
     ids = [row.id for row in cur.all(sql["appended_ids"], b_study=study_id, b_first=first)]
     cur.execute(sql["count_points"], b_study=study_id, b_added=len(added), b_at=at)
-    return [PointRecord(id=point_id, study_id=study_id, number=first + i, params=json.loads(params),
-                        state=PointState.NEW, origin=origin, attempt=0, loss=None, message=None, worker_id=None,
-                        lease_expires_at=None, created_at=at, updated_at=at, finished_at=None)
-            for i, (point_id, params) in enumerate(zip(ids, added, strict=True))]
+    return ids, first
 
 
 @dataclass(frozen=True)

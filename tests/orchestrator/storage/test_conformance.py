@@ -25,7 +25,7 @@ from orchestrator.storage import (
     StudyState,
 )
 from orchestrator.storage.models import LeaseRow
-from orchestrator.storage.sql import SQLStorage, hash_secret
+from orchestrator.storage.sql import APPEND_CHUNK_POINTS, SQLStorage, hash_secret
 from steering_container.api import Observation
 
 T0 = 1_700_000_000.0
@@ -127,6 +127,15 @@ def test_add_points_never_exceeds_max_points(storage: SQLStorage, make_task: Mak
     assert [p.number for p in extra] == [2] and extra[0].params == points(5)[2]
     assert storage.add_points(study.id, points(1), now=T0) == []
     assert storage.get_study(study.id).n_points == 3 and storage.counts(study.id).total == 3
+
+
+def test_a_batch_larger_than_one_transaction_is_added_in_order_up_to_max_points(
+        storage: SQLStorage, make_task: MakeTask, points: Points) -> None:
+    limit = 2 * APPEND_CHUNK_POINTS + 3  # the cap falls inside the third transaction
+    study = storage.create_study("alice", make_task(maxPoints=limit), now=T0)
+    added = storage.add_points(study.id, points(limit + 40), now=T0)
+    assert [p.number for p in added] == list(range(limit)) and [p.params for p in added] == points(limit + 40)[:limit]
+    assert added == storage.list_points(study.id) and storage.get_study(study.id).n_points == limit
 
 
 def test_add_points_refused_when_study_not_running(storage: SQLStorage, make_task: MakeTask,
