@@ -72,6 +72,8 @@ STUDY_FACTS_CACHE_SIZE = 4096
 #: use): a token revoked in the database stops working within this time.
 GRANT_CACHE_SECONDS = 5.0
 GRANT_CACHE_SIZE = 4096
+#: Fraction of GRANT_CACHE_SECONDS after which a grant in use is verified again in the background.
+REFRESH_AFTER = 0.5
 #: Threads that run the worker routes' storage calls: enough that concurrent reports form large
 #: group-commit batches, no more than the storage's connection pool keeps open.
 WORKER_ROUTE_THREADS = 32
@@ -143,28 +145,54 @@ class TokenBody(_Body):
 
 # -- the service behind the routes ------------------------------------------------------------
 class GrantCache:
-    """Recently verified grants by the sha256 of their secret (never the secret itself): a bounded LRU."""
+    """Recently verified grants by the sha256 of their secret (never the secret itself): a bounded LRU.
 
-    def __init__(self, seconds: float = GRANT_CACHE_SECONDS, size: int = GRANT_CACHE_SIZE) -> None:
+    A grant older than REFRESH_AFTER of its time is handed to ``refresh`` (once, until it is put or
+    forgotten again), which verifies the token anew in the background: a busy token then never expires
+    from the cache, where every request of its workers would find it missing at the same moment and
+    verify it again (a stall of ~0.1 s under load every GRANT_CACHE_SECONDS). A revoked token still
+    stops working within GRANT_CACHE_SECONDS. Should a refresh fail, the grant simply expires.
+    """
+
+    def __init__(self, seconds: float = GRANT_CACHE_SECONDS, size: int = GRANT_CACHE_SIZE,
+                 refresh: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.seconds = seconds
         self.size = size
+        self.refresh = refresh
+        self.clock = clock
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, tuple[float, TokenInfo]] = OrderedDict()
+        self._refreshing: set[str] = set()
 
     def get(self, secret: str) -> TokenInfo | None:
         key = _digest(secret)
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None or time.monotonic() - entry[0] >= self.seconds:
+            age = self.clock() - entry[0] if entry is not None else self.seconds
+            if entry is None or age >= self.seconds:
                 return None
             self._entries.move_to_end(key)
-            return entry[1]
+            stale = (self.refresh is not None and age >= REFRESH_AFTER * self.seconds
+                     and key not in self._refreshing)
+            if stale:
+                self._refreshing.add(key)
+        if stale:
+            self.refresh(secret)  # type: ignore[misc]
+        return entry[1]
 
     def put(self, secret: str, info: TokenInfo) -> None:
+        key = _digest(secret)
         with self._lock:
-            self._entries[_digest(secret)] = (time.monotonic(), info)
+            self._entries[key] = (self.clock(), info)
+            self._refreshing.discard(key)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
+
+    def forget(self, secret: str) -> None:
+        key = _digest(secret)
+        with self._lock:
+            self._entries.pop(key, None)
+            self._refreshing.discard(key)
 
 
 def _digest(secret: str) -> str:
@@ -187,6 +215,16 @@ class Service:
     threads: LoopThreads = field(default_factory=lambda: LoopThreads(WORKER_ROUTE_THREADS, "hepopt-worker-route"))
     _facts: OrderedDict[int, tuple[str, Task]] = field(default_factory=OrderedDict)
     _facts_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.grants.refresh = lambda secret: self.threads.submit(functools.partial(self._reverify, secret))
+
+    def _reverify(self, secret: str) -> None:
+        info = self.storage.verify_token(secret)
+        if info is None:
+            self.grants.forget(secret)
+        else:
+            self.grants.put(secret, info)
 
     def study(self, who: TokenInfo, study_id: int) -> StudyRecord:
         """The study if this token may see it: 403 for a worker token of another study, 404 if foreign."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import Callable
 from queue import SimpleQueue
@@ -11,7 +12,8 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-_Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+_Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop | None, "asyncio.Future[Any] | None"]
+log = logging.getLogger(__name__)
 
 
 class LoopThreads:
@@ -41,6 +43,12 @@ class LoopThreads:
         self._jobs.put((call, loop, future))
         return await future
 
+    def submit(self, call: Callable[[], Any]) -> None:
+        """``call()`` in one of the threads, with nobody waiting for it; an exception it raises is logged."""
+        if not self._threads:
+            self._start()
+        self._jobs.put((call, None, None))
+
     def close(self) -> None:
         """Let the threads finish the calls already queued, then stop them."""
         with self._lock:
@@ -66,6 +74,10 @@ class LoopThreads:
                 outcome, failed = call(), False
             except BaseException as exc:  # handed to the awaiting coroutine, which raises it
                 outcome, failed = exc, True
+            if loop is None or future is None:
+                if failed:
+                    log.error("background call %r failed", call, exc_info=outcome)
+                continue
             with contextlib.suppress(RuntimeError):  # the loop closed while the call ran: nobody waits
                 loop.call_soon_threadsafe(_resolve, future, outcome, failed)
 
