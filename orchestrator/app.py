@@ -577,7 +577,7 @@ class WorkerRoutes:
         study_id, asking, point_id, verb = match.groups()
         endpoint, model = self.routes["ask" if asking else verb]
         try:
-            parsed = model.model_validate(json.loads(body))
+            parsed = model.model_validate_json(body)
         except ValueError:  # JSONDecodeError and pydantic's ValidationError
             return None
         arguments: dict[str, Any] = {"study_id": int(study_id), "body": parsed, "who": who, "svc": self.service}

@@ -52,7 +52,7 @@ def run_server(settings: Settings, host: str, port: int, tls_cert: str | None = 
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     options: dict[str, Any] = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key, "log_level": log_level,
-                               "access_log": access_log, "proxy_headers": False}
+                               "access_log": access_log, "proxy_headers": False, "server_header": False}
     if workers == 1:
         app = create_app(settings)
         settle_garbage_collector()
