@@ -168,8 +168,10 @@ class GrantCache:
         key = _digest(secret)
         with self._lock:
             entry = self._entries.get(key)
-            age = self.clock() - entry[0] if entry is not None else self.seconds
-            if entry is None or age >= self.seconds:
+            if entry is None:
+                return None
+            age = self.clock() - entry[0]
+            if age >= self.seconds:
                 return None
             self._entries.move_to_end(key)
             stale = (self.refresh is not None and age >= REFRESH_AFTER * self.seconds
@@ -217,14 +219,16 @@ class Service:
     _facts_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.grants.refresh = lambda secret: self.threads.submit(functools.partial(self._reverify, secret))
+        self.grants.refresh = lambda secret: self.threads.submit(functools.partial(self.verify, secret))
 
-    def _reverify(self, secret: str) -> None:
+    def verify(self, secret: str) -> TokenInfo | None:
+        """The token's grant from storage (blocking), which the cache then holds, or forgets if none."""
         info = self.storage.verify_token(secret)
         if info is None:
             self.grants.forget(secret)
         else:
             self.grants.put(secret, info)
+        return info
 
     def study(self, who: TokenInfo, study_id: int) -> StudyRecord:
         """The study if this token may see it: 403 for a worker token of another study, 404 if foreign."""
@@ -318,9 +322,7 @@ async def principal(credentials: Annotated[HTTPAuthorizationCredentials | None, 
     secret = credentials.credentials
     info = svc.grants.get(secret)
     if info is None:
-        info = await run_in_threadpool(svc.storage.verify_token, secret)
-        if info is not None:
-            svc.grants.put(secret, info)
+        info = await run_in_threadpool(svc.verify, secret)
     if info is None or (info.expires_at is not None and info.expires_at <= time.time()):
         raise HTTPException(HTTPStatus.UNAUTHORIZED, "invalid or expired token",
                             headers={"WWW-Authenticate": "Bearer"})
@@ -578,7 +580,7 @@ class WorkerRoutes:
         endpoint, model = self.routes["ask" if asking else verb]
         try:
             parsed = model.model_validate_json(body)
-        except ValueError:  # JSONDecodeError and pydantic's ValidationError
+        except ValueError:  # pydantic's ValidationError, malformed JSON included
             return None
         arguments: dict[str, Any] = {"study_id": int(study_id), "body": parsed, "who": who, "svc": self.service}
         if point_id is not None:

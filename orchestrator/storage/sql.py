@@ -412,7 +412,7 @@ class SQLStorage(Storage):
         encoded = [_encode_params(params, i) for i, params in enumerate(params_list)]
         at = clock(now)
         added: list[PointRecord] = []
-        for start in range(0, max(len(encoded), 1), APPEND_CHUNK_POINTS):
+        for start in range(0, max(len(encoded), 1), APPEND_CHUNK_POINTS):  # once for none: a missing study raises
             chunk = encoded[start:start + APPEND_CHUNK_POINTS]
             ids, first = self._run_direct(functools.partial(_append_points, sql=self._hot.sql, study_id=study_id,
                                                             encoded=chunk, origin=origin, at=at))
