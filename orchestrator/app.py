@@ -5,9 +5,12 @@ format, and translates storage errors into HTTP answers in one place (:func:`ins
 Handlers are plain functions (FastAPI runs them in its thread pool) because storage calls block;
 dependencies that do no I/O are ``async`` so that a request costs one hop to the thread pool, not one
 per dependency. The worker routes (``ask``, ``report``, ``tell``, ``heartbeat``: nearly every
-request) return their JSON as a response, which skips FastAPI's validation and re-encoding of an
-answer built right here, and in their common shape they are dispatched to those same functions by
-:class:`WorkerRoutes`, ahead of FastAPI's routing and dependency resolution.
+request) are coroutines instead: their writes go to the storage's group commit without a thread of
+their own (``*_async``), and what may block (a storage read on a cache miss, a heartbeat, a prune
+decision) runs in :attr:`Service.threads`. They return their JSON as a response, which skips FastAPI's
+validation and re-encoding of an answer built right here, and in their common shape they are
+dispatched to those same functions by :class:`WorkerRoutes`, ahead of FastAPI's routing and dependency
+resolution.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -57,6 +60,8 @@ from orchestrator.storage.base import (
     TokenInfo,
 )
 
+T = TypeVar("T")
+
 API_PREFIX = "/api/v1"
 JSON_MEDIA_TYPE = "application/json"
 JSON_CONTENT_TYPE = JSON_MEDIA_TYPE.encode()
@@ -74,8 +79,8 @@ GRANT_CACHE_SECONDS = 5.0
 GRANT_CACHE_SIZE = 4096
 #: Fraction of GRANT_CACHE_SECONDS after which a grant in use is verified again in the background.
 REFRESH_AFTER = 0.5
-#: Threads that run the worker routes' storage calls: enough that concurrent reports form large
-#: group-commit batches, no more than the storage's connection pool keeps open.
+#: Threads for what the worker routes may block on (storage reads, heartbeats, prune decisions): no
+#: more than the storage's connection pool keeps open.
 WORKER_ROUTE_THREADS = 32
 #: Storage/service errors and the HTTP status each one means (the single mapping).
 ERROR_STATUS: dict[type[Exception], HTTPStatus] = {
@@ -239,19 +244,30 @@ class Service:
         """The study's task, with the access rules of :meth:`study`. A study's owner and task never change,
         so they are cached: the worker routes then spend one storage transaction per request."""
         _check_scope(who, study_id)
+        return _owned_task(who, study_id, self._cached_facts(study_id) or self._load_facts(study_id))
+
+    async def task_async(self, who: TokenInfo, study_id: int) -> Task:
+        """:meth:`task` for a coroutine: storage is read in a thread, on a cache miss only."""
+        _check_scope(who, study_id)
+        facts = self._cached_facts(study_id) or await self.in_thread(self._load_facts, study_id)
+        return _owned_task(who, study_id, facts)
+
+    def _cached_facts(self, study_id: int) -> tuple[str, Task] | None:
         with self._facts_lock:
-            facts = self._facts.get(study_id)
-        if facts is None:
-            study = self.storage.get_study(study_id)
-            facts = (study.owner, study.task)
-            with self._facts_lock:
-                self._facts[study_id] = facts
-                while len(self._facts) > STUDY_FACTS_CACHE_SIZE:
-                    self._facts.popitem(last=False)
-        owner, task = facts
-        if owner != who.user:
-            raise NotFoundError(f"study {study_id} not found")
-        return task
+            return self._facts.get(study_id)
+
+    def _load_facts(self, study_id: int) -> tuple[str, Task]:
+        study = self.storage.get_study(study_id)
+        facts = (study.owner, study.task)
+        with self._facts_lock:
+            self._facts[study_id] = facts
+            while len(self._facts) > STUDY_FACTS_CACHE_SIZE:
+                self._facts.popitem(last=False)
+        return facts
+
+    async def in_thread(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``call(*args, **kwargs)`` in one of the worker routes' threads: for what may block."""
+        return await self.threads.run(functools.partial(call, *args, **kwargs))
 
     def point(self, who: TokenInfo, study_id: int, point_id: int) -> tuple[StudyRecord, PointRecord]:
         """The study and its point, with the access rules of :meth:`study`."""
@@ -292,6 +308,13 @@ class Service:
 def _check_scope(who: TokenInfo, study_id: int) -> None:
     if who.study_id is not None and who.study_id != study_id:
         raise HTTPException(HTTPStatus.FORBIDDEN, "this worker token serves another study")
+
+
+def _owned_task(who: TokenInfo, study_id: int, facts: tuple[str, Task]) -> Task:
+    owner, task = facts
+    if owner != who.user:
+        raise NotFoundError(f"study {study_id} not found")
+    return task
 
 
 def point_json(point: PointRecord) -> dict[str, Any]:
@@ -395,14 +418,14 @@ def best_point(study_id: int, who: Principal, svc: Svc) -> dict:
 
 
 @router.post("/studies/{study_id}/ask")
-def ask(study_id: int, body: AskBody, who: Principal, svc: Svc) -> JSONResponse:
+async def ask(study_id: int, body: AskBody, who: Principal, svc: Svc) -> JSONResponse:
     """Lease a point, or say when to come back; never waits for steering, which it only nudges."""
     started = time.perf_counter()
-    task = svc.task(who, study_id)
-    lease = svc.storage.lease(study_id, body.worker_id)
+    task = await svc.task_async(who, study_id)
+    lease = await svc.storage.lease_async(study_id, body.worker_id)
     if lease is not None:
         answer = {"status": "leased", "lease": svc.lease_json(lease, task)}
-    elif svc.storage.get_study(study_id).state != StudyState.RUNNING:
+    elif (await svc.in_thread(svc.storage.get_study, study_id)).state != StudyState.RUNNING:
         answer = {"status": "finished"}
     else:
         svc.scheduler.poke(study_id)
@@ -413,17 +436,18 @@ def ask(study_id: int, body: AskBody, who: Principal, svc: Svc) -> JSONResponse:
 
 
 @router.post("/studies/{study_id}/points/{point_id}/heartbeat")
-def heartbeat(study_id: int, point_id: int, body: LeaseBody, who: Principal, svc: Svc) -> JSONResponse:
-    svc.task(who, study_id)
-    lease = svc.storage.heartbeat(point_id, body.lease_token, study_id=study_id)
+async def heartbeat(study_id: int, point_id: int, body: LeaseBody, who: Principal, svc: Svc) -> JSONResponse:
+    await svc.task_async(who, study_id)
+    lease = await svc.in_thread(svc.storage.heartbeat, point_id, body.lease_token, study_id=study_id)
     return WorkerJSONResponse({"expires_at": lease.expires_at, "stop": lease.stop})
 
 
 @router.post("/studies/{study_id}/points/{point_id}/report")
-def report(study_id: int, point_id: int, body: ReportBody, who: Principal, svc: Svc) -> JSONResponse:
-    task = svc.task(who, study_id)
-    svc.storage.report(point_id, body.lease_token, body.step, body.value, study_id=study_id)
-    prune = svc.stopping.decide(study_id, task, point_id, body.step, body.value)
+async def report(study_id: int, point_id: int, body: ReportBody, who: Principal, svc: Svc) -> JSONResponse:
+    task = await svc.task_async(who, study_id)
+    await svc.storage.report_async(point_id, body.lease_token, body.step, body.value, study_id=study_id)
+    prune = svc.stopping.active(task) and await svc.in_thread(svc.stopping.decide, study_id, task, point_id,
+                                                              body.step, body.value)
     svc.metrics.count("hepopt_reports_total")
     if prune:
         svc.metrics.count("hepopt_prunes_total")
@@ -431,14 +455,15 @@ def report(study_id: int, point_id: int, body: ReportBody, who: Principal, svc: 
 
 
 @router.post("/studies/{study_id}/points/{point_id}/tell")
-def tell(study_id: int, point_id: int, body: TellBody, who: Principal, svc: Svc) -> JSONResponse:
+async def tell(study_id: int, point_id: int, body: TellBody, who: Principal, svc: Svc) -> JSONResponse:
     """Finish the point; the same request id again returns the same point without a second effect."""
-    svc.task(who, study_id)
-    result = svc.storage.finish(point_id, body.lease_token, PointState(body.status), body.loss,
-                                request_id=body.request_id, message=body.message, study_id=study_id)
+    task = await svc.task_async(who, study_id)
+    result = await svc.storage.finish_async(point_id, body.lease_token, PointState(body.status), body.loss,
+                                            request_id=body.request_id, message=body.message, study_id=study_id)
     if not result.replayed:
         svc.metrics.count("hepopt_tells_total", "status", body.status)
-        svc.stopping.tell(result.point)
+        if svc.stopping.active(task):
+            await svc.in_thread(svc.stopping.tell, result.point)
         svc.scheduler.poke(study_id)
     return WorkerJSONResponse(point_json(result.point))
 
@@ -530,7 +555,7 @@ WORKER_ROUTE = re.compile(API_PREFIX + r"/studies/([0-9]{1,18})/(?:(ask)|points/
 class WorkerCall:
     """One worker request, ready to run: its endpoint and the arguments FastAPI would have resolved."""
 
-    endpoint: Callable[..., Response]
+    endpoint: Callable[..., Awaitable[Response]]
     arguments: dict[str, Any]
 
 
@@ -550,7 +575,7 @@ class WorkerRoutes:
     def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app = app
         self.service = service
-        self.routes: dict[str, tuple[Callable[..., Response], type[_Body]]] = {
+        self.routes: dict[str, tuple[Callable[..., Awaitable[Response]], type[_Body]]] = {
             "ask": (ask, AskBody), "report": (report, ReportBody), "tell": (tell, TellBody),
             "heartbeat": (heartbeat, LeaseBody),
         }
@@ -567,7 +592,7 @@ class WorkerRoutes:
             await self.app(scope, _replaying(body, receive), send)
             return
         try:
-            response = await self.service.threads.run(functools.partial(call.endpoint, **call.arguments))
+            response = await call.endpoint(**call.arguments)
         except HTTPException as exc:
             response = WorkerJSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
         except tuple(ERROR_STATUS) as exc:

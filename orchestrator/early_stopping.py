@@ -114,9 +114,14 @@ class StoppingDecider:
         self._lock = threading.Lock()
         self._studies: dict[int, StudyCache] = {}
 
+    @staticmethod
+    def active(task: Task) -> bool:
+        """Whether the task's policy may prune: reports and tells of a study without one need no decider."""
+        return task.hepopt.earlyStopping.policy != "none"
+
     def decide(self, study_id: int, task: Task, point_id: int, step: int, value: float) -> bool:
         """Fold the (already stored) value into the study's cache and ask the policy about it."""
-        if task.hepopt.earlyStopping.policy == "none":
+        if not self.active(task):
             return False
         study = self._study(study_id, task)
         trial = study.trials.get(point_id) or self._trial_of(self.storage.get_point(point_id))

@@ -79,11 +79,12 @@ class LoopThreads:
                     log.error("background call %r failed", call, exc_info=outcome)
                 continue
             with contextlib.suppress(RuntimeError):  # the loop closed while the call ran: nobody waits
-                loop.call_soon_threadsafe(_resolve, future, outcome, failed)
+                loop.call_soon_threadsafe(settle, future, outcome, failed)
 
 
-def _resolve(future: asyncio.Future[Any], outcome: Any, failed: bool) -> None:
-    if future.cancelled():
+def settle(future: asyncio.Future[Any], outcome: Any, failed: bool) -> None:
+    """Resolve ``future`` (on its loop) with ``outcome``, raised if ``failed``, unless its waiter gave up."""
+    if future.done():
         return
     if failed:
         future.set_exception(outcome)

@@ -17,6 +17,7 @@ expiries, then the point is ``FAILED``.
 from __future__ import annotations
 
 import abc
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -318,6 +319,24 @@ class Storage(abc.ABC):
         arguments; a stale token raises StaleLeaseError, a request id used for another point
         ConflictError. A study whose points are all final (or whose jobs are used up with nothing
         running) becomes COMPLETED."""
+
+    # The three calls of nearly every worker request, for a server's coroutines. These defaults run the
+    # call in a thread; a backend may instead queue it without one (SQLStorage's group commit does).
+    async def lease_async(self, study_id: int, worker_id: str, now: float | None = None) -> Lease | None:
+        """:meth:`lease`, awaitable."""
+        return await asyncio.to_thread(self.lease, study_id, worker_id, now)
+
+    async def report_async(self, point_id: int, lease_token: str, step: int, value: float,
+                           now: float | None = None, *, study_id: int | None = None) -> None:
+        """:meth:`report`, awaitable."""
+        await asyncio.to_thread(self.report, point_id, lease_token, step, value, now, study_id=study_id)
+
+    async def finish_async(self, point_id: int, lease_token: str, status: PointState, loss: float | None = None,
+                           *, request_id: str | None = None, message: str | None = None, now: float | None = None,
+                           study_id: int | None = None) -> FinishResult:
+        """:meth:`finish`, awaitable."""
+        return await asyncio.to_thread(self.finish, point_id, lease_token, status, loss, request_id=request_id,
+                                       message=message, now=now, study_id=study_id)
 
     @abc.abstractmethod
     def release(self, point_id: int, lease_token: str, now: float | None = None, *,

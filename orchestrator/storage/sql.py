@@ -222,6 +222,7 @@ class SQLStorage(Storage):
         return self.url.render_as_string(hide_password=False)
 
     def close(self) -> None:
+        self._writes.close()
         self._kept.close()
         self.engine.dispose()
 
@@ -445,8 +446,10 @@ class SQLStorage(Storage):
         return self._run(work, write=False)
 
     def lease(self, study_id: int, worker_id: str, now: float | None = None) -> Lease | None:
-        _bounded(worker_id, NAME_LENGTH, "worker id")
-        return self._writes.submit(_Ask(study_id, worker_id, now))
+        return self._writes.submit(_ask(study_id, worker_id, now))
+
+    async def lease_async(self, study_id: int, worker_id: str, now: float | None = None) -> Lease | None:
+        return await self._writes.submit_async(_ask(study_id, worker_id, now))
 
     def heartbeat(self, point_id: int, lease_token: str, now: float | None = None, *,
                   study_id: int | None = None) -> Lease:
@@ -462,11 +465,11 @@ class SQLStorage(Storage):
 
     def report(self, point_id: int, lease_token: str, step: int, value: float, now: float | None = None, *,
                study_id: int | None = None) -> None:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise InvalidValueError(f"step must be an integer >= 0, got {step!r}")
-        value = _finite(value, "intermediate value")
+        self._writes.submit(_report(point_id, lease_token, step, value, now, study_id))
 
-        self._writes.submit(_Report(point_id, lease_token, step, value, now, study_id))
+    async def report_async(self, point_id: int, lease_token: str, step: int, value: float,
+                           now: float | None = None, *, study_id: int | None = None) -> None:
+        await self._writes.submit_async(_report(point_id, lease_token, step, value, now, study_id))
 
     def _write_batch(self, batch: list[Pending[_Ask | _Report | _Finish]]) -> None:
         """One transaction for the leases, reports and finishes queued meanwhile (see :class:`GroupCommit`).
@@ -499,14 +502,13 @@ class SQLStorage(Storage):
     def finish(self, point_id: int, lease_token: str, status: PointState, loss: float | None = None, *,
                request_id: str | None = None, message: str | None = None, now: float | None = None,
                study_id: int | None = None) -> FinishResult:
-        status = _final_status(status)
-        _bounded(request_id, REQUEST_ID_LENGTH, "request id")
-        if status == PointState.DONE:
-            loss = _finite(loss, "loss of a done point")
-        elif loss is not None and status == PointState.PRUNED:
-            loss = _finite(loss, "loss of a pruned point")
+        return self._writes.submit(_finish(point_id, lease_token, status, loss, request_id, message, study_id, now))
 
-        return self._writes.submit(_Finish(point_id, lease_token, status, loss, request_id, message, study_id, now))
+    async def finish_async(self, point_id: int, lease_token: str, status: PointState, loss: float | None = None,
+                           *, request_id: str | None = None, message: str | None = None, now: float | None = None,
+                           study_id: int | None = None) -> FinishResult:
+        return await self._writes.submit_async(_finish(point_id, lease_token, status, loss, request_id, message,
+                                                       study_id, now))
 
     def release(self, point_id: int, lease_token: str, now: float | None = None, *,
                 study_id: int | None = None) -> PointRecord:
@@ -899,6 +901,11 @@ class _Ask:
     now: float | None
 
 
+def _ask(study_id: int, worker_id: str, now: float | None) -> _Ask:
+    _bounded(worker_id, NAME_LENGTH, "worker id")
+    return _Ask(study_id, worker_id, now)
+
+
 def _lease_points(cur: DirectCursor, sql: dict[str, Compiled], study_id: int, asks: list[Pending[_Ask]]) -> None:
     """Lease the oldest NEW points that no concurrent leaser holds, one per ask, then claim their jobs.
 
@@ -996,6 +1003,13 @@ class _Report:
     study_id: int | None
 
 
+def _report(point_id: int, lease_token: str, step: int, value: float, now: float | None,
+            study_id: int | None) -> _Report:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise InvalidValueError(f"step must be an integer >= 0, got {step!r}")
+    return _Report(point_id, lease_token, step, _finite(value, "intermediate value"), now, study_id)
+
+
 def _checked_reports(cur: DirectCursor, hot: _HotPath, batch: list[Pending[_Report]]) -> list[dict[str, Any]]:
     """The rows to upsert for the reports whose lease is current; the others get their error. Points are
     share-locked in id order (PostgreSQL), so a concurrent finish/release waits or is seen, never half."""
@@ -1031,6 +1045,17 @@ class _Finish:
     message: str | None
     study_id: int | None
     now: float | None
+
+
+def _finish(point_id: int, lease_token: str, status: PointState | str, loss: float | None, request_id: str | None,
+            message: str | None, study_id: int | None, now: float | None) -> _Finish:
+    status = _final_status(status)
+    _bounded(request_id, REQUEST_ID_LENGTH, "request id")
+    if status == PointState.DONE:
+        loss = _finite(loss, "loss of a done point")
+    elif loss is not None and status == PointState.PRUNED:
+        loss = _finite(loss, "loss of a pruned point")
+    return _Finish(point_id, lease_token, status, loss, request_id, message, study_id, now)
 
 
 def _finish_point(cur: DirectCursor, sql: dict[str, Compiled], call: _Finish) -> FinishResult:

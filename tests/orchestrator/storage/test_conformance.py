@@ -6,6 +6,7 @@ expiry is tested without sleeping.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable
 from typing import Any
@@ -305,6 +306,39 @@ def test_finish_is_idempotent_by_request_id(storage: SQLStorage, make_task: Make
         storage.finish(other.point_id, other.lease_token, "done", 0.1, request_id="req-1")
     counts = storage.counts(study.id)
     assert (counts.done, counts.running) == (1, 1)
+
+
+def test_awaitable_lease_report_and_finish_answer_as_the_blocking_ones(storage: SQLStorage,
+                                                                       make_task: MakeTask) -> None:
+    study = new_study(storage, make_task, 4)
+    steps = 3
+
+    async def worker_calls() -> None:
+        leases = await asyncio.gather(*(storage.lease_async(study.id, f"w{i}", now=T0) for i in range(5)))
+        granted = [lease for lease in leases if lease is not None]
+        assert len({lease.point_id for lease in granted}) == 4 and leases.count(None) == 1
+        await asyncio.gather(*(storage.report_async(lease.point_id, lease.lease_token, step, step / 10,
+                                                    study_id=study.id)
+                               for lease in granted for step in range(steps)))
+        first = granted[0]
+        with pytest.raises(StaleLeaseError):
+            await storage.report_async(first.point_id, "not-the-token", 0, 0.0)
+        with pytest.raises(InvalidValueError):
+            await storage.report_async(first.point_id, first.lease_token, -1, 0.0)
+        with pytest.raises(NotFoundError):
+            await storage.finish_async(first.point_id, first.lease_token, "done", 0.5, study_id=study.id + 1)
+        finished = await asyncio.gather(*(storage.finish_async(lease.point_id, lease.lease_token, "done", 0.5,
+                                                               request_id=f"r{lease.point_id}")
+                                          for lease in granted))
+        assert [result.point.state for result in finished] == [PointState.DONE] * 4
+        again = await storage.finish_async(first.point_id, first.lease_token, "failed", request_id=f"r{first.point_id}")
+        assert again.replayed and again.point == finished[0].point
+        assert await storage.lease_async(study.id, "late") is None
+
+    asyncio.run(worker_calls())
+    assert storage.intermediate_values(study.id) == {
+        point.id: {step: step / 10 for step in range(steps)} for point in storage.list_points(study.id)}
+    assert storage.get_study(study.id).state == StudyState.COMPLETED
 
 
 @pytest.mark.parametrize(("status", "loss"), [("done", None), ("done", math.nan), ("done", math.inf),

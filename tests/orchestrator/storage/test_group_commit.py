@@ -6,6 +6,7 @@ The storage tests run on both backends through the ``storage`` fixture; the Grou
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -86,6 +87,86 @@ def test_group_commit_fails_the_whole_batch_when_the_transaction_fails() -> None
 
     with pytest.raises(RuntimeError, match="disk full"):
         GroupCommit(write).submit(1)
+
+
+def test_coroutines_are_written_together_by_the_writer_thread() -> None:
+    batches: list[list[int]] = []
+    writers: set[str] = set()
+    release = threading.Event()
+
+    def write(batch: list[Pending[int]]) -> None:
+        release.wait()
+        writers.add(threading.current_thread().name)
+        batches.append([pending.item for pending in batch])
+        for pending in batch:
+            if pending.item < 0:
+                pending.error = ValueError(pending.item)
+            else:
+                pending.result = pending.item * 10
+
+    group = GroupCommit(write)
+
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        calls = asyncio.gather(*(group.submit_async(item) for item in range(-1, THREADS - 1)),
+                               return_exceptions=True)
+        loop.call_later(RELEASE_AFTER_S, release.set)
+        return await calls
+
+    try:
+        outcomes = asyncio.run(main())
+    finally:
+        group.close()
+    assert isinstance(outcomes[0], ValueError)
+    assert outcomes[1:] == [item * 10 for item in range(THREADS - 1)]
+    assert sorted(item for batch in batches for item in batch) == list(range(-1, THREADS - 1))
+    assert len(batches) <= 2, "the items queued behind the first batch were not written as one"
+    assert writers == {"hepopt-group-commit"}
+    assert group._writer is None, "close() did not stop the writer thread"
+
+
+def test_threads_and_coroutines_share_one_queue_and_never_write_at_once() -> None:
+    written: list[int] = []
+    in_write = threading.Lock()
+
+    def write(batch: list[Pending[int]]) -> None:
+        assert in_write.acquire(blocking=False), "two batches were written at the same time"
+        try:
+            time.sleep(0.001)
+            written.extend(pending.item for pending in batch)
+            for pending in batch:
+                pending.result = -pending.item
+        finally:
+            in_write.release()
+
+    group = GroupCommit(write)
+    per_kind = 200
+
+    async def coroutines() -> list[Any]:
+        return await asyncio.gather(*(group.submit_async(item) for item in range(per_kind)))
+
+    try:
+        with ThreadPoolExecutor(THREADS) as pool:
+            threaded = pool.map(group.submit, range(per_kind, 2 * per_kind))
+            awaited = asyncio.run(coroutines())
+            threaded = list(threaded)
+    finally:
+        group.close()
+    assert awaited == [-item for item in range(per_kind)]
+    assert threaded == [-item for item in range(per_kind, 2 * per_kind)]
+    assert sorted(written) == list(range(2 * per_kind)), "an item was lost or written twice"
+
+
+def test_a_failed_batch_fails_every_coroutine_in_it() -> None:
+    def write(_batch: list[Pending[int]]) -> None:
+        raise RuntimeError("disk full")
+
+    group = GroupCommit(write)
+    try:
+        with pytest.raises(RuntimeError, match="disk full"):
+            asyncio.run(group.submit_async(1))
+    finally:
+        group.close()
 
 
 def in_one_batch(storage: SQLStorage, calls: list[Callable[[], Any]]) -> list[Any]:
