@@ -22,14 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 from orchestrator.config import Settings
 from orchestrator.metrics import Metrics
 from orchestrator.steering import History, ProposalProcesses, SteeringCancelled, SteeringFailure, StoredHistory, steer
-from orchestrator.storage.base import NotFoundError, PointCounts, Storage, StudyRecord, StudyState
+from orchestrator.storage.base import NotFoundError, Progress, Storage, StudyRecord, StudyState
 
 log = logging.getLogger(__name__)
 
 #: How long ``stop`` waits for the loop and for steering runs in progress.
 STOP_TIMEOUT_S = 10.0
 #: Least time between two passes: pokes (every tell) arriving meanwhile are served by one pass, so a
-#: busy study costs a few counts per second rather than one per tell.
+#: busy study costs a few reads of its progress per second rather than one per tell.
 POKE_COALESCE_S = 0.25
 
 
@@ -129,18 +129,18 @@ class Scheduler:
     def _check(self, study: StudyRecord, now: float) -> None:
         if study.state != StudyState.RUNNING:
             return
-        counts = self.storage.counts(study.id)
-        if self._complete_if_spent(study, counts):
+        progress = self.storage.progress(study.id)
+        if self._complete_if_spent(study, progress):
             return
-        if steering_need(study, counts) > 0 and now >= self._backoff_until.get(study.id, 0.0):
+        if steering_need(study, progress) > 0 and now >= self._backoff_until.get(study.id, 0.0):
             self._launch(study.id)
 
-    def _complete_if_spent(self, study: StudyRecord, counts: PointCounts) -> bool:
+    def _complete_if_spent(self, study: StudyRecord, progress: Progress) -> bool:
         """Close a study the storage has not closed yet (the budget rules live in storage too)."""
         task = study.task
-        if counts.finished >= task.maxPoints:
+        if progress.finished >= task.maxPoints:
             message = f"all {task.maxPoints} points evaluated"
-        elif counts.evaluation_jobs >= task.evaluation_jobs_limit and counts.running == 0:
+        elif progress.evaluation_jobs >= task.evaluation_jobs_limit and progress.running == 0:
             message = f"maxEvaluationJobs ({task.evaluation_jobs_limit}) used up"
         else:
             return False
@@ -200,7 +200,7 @@ class Scheduler:
         The need is recomputed under the claim, since another run may have filled the study meanwhile.
         """
         study = self.storage.get_study(study_id)
-        n = steering_need(study, self.storage.counts(study_id))
+        n = steering_need(study, self.storage.progress(study_id))
         if n == 0:
             self.storage.end_steering(study_id, error=study.steering_error)
             return
@@ -237,17 +237,17 @@ class Scheduler:
 
     def _complete_if_exhausted(self, study_id: int) -> None:
         """Steering proposing nothing ends the search (iDDS: ``[]``) once no point is left to evaluate."""
-        counts = self.storage.counts(study_id)
-        if counts.unevaluated == 0 and self.storage.get_study(study_id).state == StudyState.RUNNING:
+        progress = self.storage.progress(study_id)
+        if progress.unevaluated == 0 and self.storage.get_study(study_id).state == StudyState.RUNNING:
             self.storage.set_study_state(study_id, StudyState.COMPLETED,
-                                         f"the search space is exhausted after {counts.total} points")
+                                         f"the search space is exhausted after {progress.total} points")
 
 
-def steering_need(study: StudyRecord, counts: PointCounts) -> int:
+def steering_need(study: StudyRecord, progress: Progress) -> int:
     """How many points to ask steering for now: 0 while enough are waiting or the budget is spent."""
     task = study.task
     wanted = max(task.minUnevaluatedPoints, task.nParallelEvaluation)
-    room = task.maxPoints - counts.total
-    if counts.unevaluated >= wanted or room <= 0 or counts.evaluation_jobs >= task.evaluation_jobs_limit:
+    room = task.maxPoints - progress.total
+    if progress.unevaluated >= wanted or room <= 0 or progress.evaluation_jobs >= task.evaluation_jobs_limit:
         return 0
     return min(task.nPointsPerIteration, room)

@@ -199,6 +199,27 @@ class PointCounts:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """What the scheduler decides on: the points not final yet by state, all points, and the evaluation
+    jobs used. Unlike :class:`PointCounts` it leaves the final points unsplit, so a backend reads it
+    without visiting them (a long study holds tens of thousands, and the scheduler looks several times
+    a second)."""
+
+    new: int
+    running: int
+    total: int
+    evaluation_jobs: int
+
+    @property
+    def finished(self) -> int:
+        return self.total - self.unevaluated
+
+    @property
+    def unevaluated(self) -> int:
+        return self.new + self.running
+
+
+@dataclass(frozen=True)
 class CheckpointMeta:
     """Where a point's latest checkpoint lies under the data directory, and how to verify it."""
 
@@ -360,6 +381,10 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def counts(self, study_id: int) -> PointCounts:
         """Points by state and evaluation jobs used."""
+
+    @abc.abstractmethod
+    def progress(self, study_id: int) -> Progress:
+        """The study's :class:`Progress`: what :meth:`counts` tells of it, without counting final points."""
 
     @abc.abstractmethod
     def best_point(self, study_id: int) -> PointRecord | None:

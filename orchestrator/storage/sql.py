@@ -87,6 +87,7 @@ from orchestrator.storage.base import (
     PointCounts,
     PointRecord,
     PointState,
+    Progress,
     StaleLeaseError,
     Storage,
     StorageError,
@@ -568,6 +569,22 @@ class SQLStorage(Storage):
             return PointCounts(**_state_counts(s, study_id), evaluation_jobs=study.evaluation_jobs)
 
         return self._run(work, write=False)
+
+    def progress(self, study_id: int) -> Progress:
+        def work(conn: Connection) -> Progress:
+            study = conn.execute(select(STUDIES.c.n_points, STUDIES.c.evaluation_jobs)
+                                 .where(STUDIES.c.id == study_id)).first()
+            if study is None:
+                raise NotFoundError(f"study {study_id} not found")
+            open_states = (PointState.NEW.value, PointState.RUNNING.value)
+            by_state = dict(conn.execute(select(POINTS.c.state, func.count())
+                                         .where(POINTS.c.study_id == study_id, POINTS.c.state.in_(open_states))
+                                         .group_by(POINTS.c.state)).all())
+            return Progress(new=by_state.get(PointState.NEW.value, 0),
+                            running=by_state.get(PointState.RUNNING.value, 0),
+                            total=study.n_points, evaluation_jobs=study.evaluation_jobs)
+
+        return self._run_core(work, write=False)
 
     def best_point(self, study_id: int) -> PointRecord | None:
         def work(s: Session) -> PointRecord | None:

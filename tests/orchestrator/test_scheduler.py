@@ -64,9 +64,9 @@ def test_steering_respects_points_per_iteration_min_unevaluated_and_max_points(s
 def test_parallel_evaluation_sets_the_floor_when_min_unevaluated_is_zero(storage, tmp_path):
     sid, _ = make(storage, tmp_path, maxPoints=10, nParallelEvaluation=3, nPointsPerIteration=2)
     study = storage.get_study(sid)
-    assert steering_need(study, storage.counts(sid)) == 2
+    assert steering_need(study, storage.progress(sid)) == 2
     storage.add_points(sid, [{"x": 0.1}, {"x": 0.2}, {"x": 0.3}], origin="user")
-    assert steering_need(study, storage.counts(sid)) == 0
+    assert steering_need(study, storage.progress(sid)) == 0
 
 
 def test_an_exhausted_space_completes_the_study(storage, tmp_path):

@@ -451,6 +451,21 @@ def test_counts_by_state(storage: SQLStorage, make_task: MakeTask) -> None:
     assert (counts.total, counts.unevaluated, counts.finished, counts.evaluation_jobs) == (4, 3, 1, 2)
 
 
+def test_progress_tells_what_counts_tells_without_splitting_final_points(storage: SQLStorage,
+                                                                         make_task: MakeTask) -> None:
+    study = new_study(storage, make_task, 6, maxPoints=10)
+    leases = [storage.lease(study.id, f"w{i}", now=T0) for i in range(5)]
+    for lease, status in zip(leases, ("done", "pruned", "failed"), strict=False):
+        storage.finish(lease.point_id, lease.lease_token, status, 1.0)  # type: ignore[union-attr]
+    storage.release(leases[3].point_id, leases[3].lease_token)  # type: ignore[union-attr]
+    counts, progress = storage.counts(study.id), storage.progress(study.id)
+    assert (progress.new, progress.running, progress.total, progress.evaluation_jobs) == (2, 1, 6, 5)
+    assert (progress.new, progress.running, progress.total, progress.finished, progress.unevaluated) == (
+        counts.new, counts.running, counts.total, counts.finished, counts.unevaluated)
+    with pytest.raises(NotFoundError):
+        storage.progress(study.id + 1000)
+
+
 # -- studies, owners, steering ------------------------------------------------------------------
 def test_owner_isolation(storage: SQLStorage, make_task: MakeTask) -> None:
     alice = new_study(storage, make_task, 1, owner="alice")
