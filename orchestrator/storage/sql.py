@@ -128,8 +128,10 @@ POOL_MAX_OVERFLOW = 16
 KEPT_CONNECTION_IDLE_S = 10.0
 #: Parsed tasks kept in memory (by their stored JSON text).
 TASK_CACHE_SIZE = 1024
-#: Points that add_points writes per transaction: the write lock is held meanwhile, and a steering batch
-#: of 512 points inserted in one transaction held every lease, report and finish for 50-100 ms under load.
+#: Points that add_points hands to the group commit at a time: each chunk joins the leases, reports and
+#: finishes queued with it, so a steering batch takes turns with the requests. Inserted in one
+#: transaction, a 512-point batch held every lease, report and finish for 50-100 ms under load; in
+#: chunks of their own, the chunks followed one another on the write lock for ~50 ms all the same.
 APPEND_CHUNK_POINTS = 64
 #: Key of the PostgreSQL advisory lock that serialises migrations ("hepo" in ASCII).
 MIGRATION_LOCK_KEY = 0x6865706F
@@ -188,7 +190,7 @@ class SQLStorage(Storage):
             raise ValueError(f"unsupported database {self.dialect!r}: use sqlite or postgresql")
         self.engine = _make_engine(self.url) if self.dialect == "sqlite" else _make_pg_engine(self.url)
         self._write_lock = _sqlite_write_lock(self.url, self.engine) if self.dialect == "sqlite" else None
-        self._writes: GroupCommit[_Ask | _Report | _Finish] = GroupCommit(self._write_batch)
+        self._writes: GroupCommit[_Write] = GroupCommit(self._write_batch)
         self._hot = _HotPath(self.engine.dialect)
         self._kept = KeptConnection(self.engine, KEPT_CONNECTION_IDLE_S)
         dbapi = self.engine.dialect.loaded_dbapi
@@ -416,8 +418,7 @@ class SQLStorage(Storage):
         added: list[PointRecord] = []
         for start in range(0, max(len(encoded), 1), APPEND_CHUNK_POINTS):  # once for none: a missing study raises
             chunk = encoded[start:start + APPEND_CHUNK_POINTS]
-            ids, first = self._run_direct(functools.partial(_append_points, sql=self._hot.sql, study_id=study_id,
-                                                            encoded=chunk, origin=origin, at=at))
+            ids, first = self._writes.submit(_Append(study_id, tuple(chunk), origin, at))
             added += [PointRecord(id=point_id, study_id=study_id, number=first + i, params=json.loads(params),
                                   state=PointState.NEW, origin=origin, attempt=0, loss=None, message=None,
                                   worker_id=None, lease_expires_at=None, created_at=at, updated_at=at,
@@ -472,7 +473,7 @@ class SQLStorage(Storage):
                            now: float | None = None, *, study_id: int | None = None) -> None:
         await self._writes.submit_async(_report(point_id, lease_token, step, value, now, study_id))
 
-    def _write_batch(self, batch: list[Pending[_Ask | _Report | _Finish]]) -> None:
+    def _write_batch(self, batch: list[Pending[_Write]]) -> None:
         """One transaction for the leases, reports and finishes queued meanwhile (see :class:`GroupCommit`).
 
         An item refused on its own merits (a stale lease, no point to lease) gets its error or result
@@ -488,7 +489,7 @@ class SQLStorage(Storage):
         for pending in batch:
             self._write_alone(pending)
 
-    def _write_alone(self, pending: Pending[_Ask | _Report | _Finish]) -> None:
+    def _write_alone(self, pending: Pending[_Write]) -> None:
         try:
             self._run_direct(lambda cur: _apply_writes(cur, self._hot, [pending]))
         except _NoJobLeft:
@@ -963,9 +964,10 @@ def _take(cur: DirectCursor, sql: dict[str, Compiled], ask: _Ask, point: Any, le
                  has_checkpoint=point.checkpoint is not None)
 
 
-def _apply_writes(cur: DirectCursor, hot: _HotPath, batch: list[Pending[_Ask | _Report | _Finish]]) -> None:
-    """Write a batch in one transaction: reports, then finishes, then leases (grouped by study). May run
-    again on the same batch after a failed attempt, so it first clears what an attempt left."""
+def _apply_writes(cur: DirectCursor, hot: _HotPath, batch: list[Pending[_Write]]) -> None:
+    """Write a batch in one transaction: reports, then finishes and steering's points, then leases
+    (grouped by study, so they may take points added in the same batch). May run again on the same
+    batch after a failed attempt, so it first clears what an attempt left."""
     for pending in batch:
         pending.result, pending.error = None, None
     reports = [pending for pending in batch if isinstance(pending.item, _Report)]
@@ -974,9 +976,11 @@ def _apply_writes(cur: DirectCursor, hot: _HotPath, batch: list[Pending[_Ask | _
         if rows:
             cur.execute_many(hot.sql["upsert_value"], rows)
     for pending in batch:
-        if isinstance(pending.item, _Finish):
+        item = pending.item
+        if isinstance(item, _Finish | _Append):
             try:
-                pending.result = _finish_point(cur, hot.sql, pending.item)
+                pending.result = (_finish_point(cur, hot.sql, item) if isinstance(item, _Finish)
+                                  else _append_points(cur, hot.sql, item))
             except StorageError as exc:
                 pending.error = exc
     asks: dict[int, list[Pending[_Ask]]] = {}
@@ -987,9 +991,19 @@ def _apply_writes(cur: DirectCursor, hot: _HotPath, batch: list[Pending[_Ask | _
         _lease_points(cur, hot.sql, study_id, asks[study_id])
 
 
-def _append_points(cur: DirectCursor, sql: dict[str, Compiled], study_id: int, encoded: list[str], origin: str,
-                   at: float) -> tuple[list[int], int]:
+@dataclass(frozen=True)
+class _Append:
+    """One chunk of an ``add_points`` call waiting for its batch: the points' params, JSON-encoded."""
+
+    study_id: int
+    encoded: tuple[str, ...]
+    origin: str
+    at: float
+
+
+def _append_points(cur: DirectCursor, sql: dict[str, Compiled], append: _Append) -> tuple[list[int], int]:
     """Insert NEW points up to maxPoints: the ids of those inserted (in order) and the first one's number."""
+    study_id, encoded, origin, at = append.study_id, append.encoded, append.origin, append.at
     study = cur.first(sql["append_study"], b_study=study_id)
     if study is None:
         raise NotFoundError(f"study {study_id} not found")
@@ -1073,6 +1087,10 @@ def _finish(point_id: int, lease_token: str, status: PointState | str, loss: flo
     elif loss is not None and status == PointState.PRUNED:
         loss = _finite(loss, "loss of a pruned point")
     return _Finish(point_id, lease_token, status, loss, request_id, message, study_id, now)
+
+
+#: What the group commit writes.
+_Write = _Ask | _Report | _Finish | _Append
 
 
 def _finish_point(cur: DirectCursor, sql: dict[str, Compiled], call: _Finish) -> FinishResult:

@@ -228,6 +228,24 @@ def test_one_batch_answers_each_write_on_its_own(storage: SQLStorage, make_task:
     assert (counts.done, counts.running, counts.new, counts.evaluation_jobs) == (2, 2, 0, 4)
 
 
+def test_steering_points_join_a_batch_and_its_asks_may_take_them(storage: SQLStorage,
+                                                                  make_task: Callable[..., Task]) -> None:
+    study = storage.create_study("alice", make_task(maxPoints=3))
+    storage.add_points(study.id, [{"x": 0.0}])
+    running = storage.lease(study.id, "w")
+    assert running is not None
+    added, foreign, reported, lease = in_one_batch(storage, [
+        lambda: storage.add_points(study.id, [{"x": 0.5}, {"x": 0.7}]),
+        lambda: storage.add_points(study.id + 1000, [{"x": 0.1}]),
+        lambda: storage.report(running.point_id, running.lease_token, 0, 0.3),
+        lambda: storage.lease(study.id, "a"),
+    ])
+    assert [point.params["x"] for point in added] == [0.5, 0.7]
+    assert isinstance(foreign, NotFoundError)
+    assert reported is None and storage.intermediate_values(study.id) == {running.point_id: {0: 0.3}}
+    assert isinstance(lease, Lease) and lease.point_id == added[0].id
+
+
 def test_a_batch_that_loses_a_race_is_written_item_by_item(postgres_clean_url: str,
                                                            make_task: Callable[..., Task]) -> None:
     """Another connection takes a request id while the batch waits on it: the batch transaction fails as
