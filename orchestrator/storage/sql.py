@@ -22,9 +22,9 @@ Concurrency rules, the reason this module exists:
 * The hot paths of the worker protocol (``lease``, ``report``, ``finish``, and ``add_points`` for
   steering) are Core statements compiled once and run on the driver's cursor
   (:mod:`orchestrator.storage.direct`): an ORM unit of work costs several times the SQL it runs, and
-  SQLAlchemy's execution machinery still several times more than SQLite. Concurrent leases, reports
-  and finishes are written together, one transaction per batch (:mod:`orchestrator.storage.group_commit`),
-  each caller still getting its own answer or error.
+  SQLAlchemy's execution machinery still several times more than SQLite. Concurrent leases, reports,
+  finishes and steering's new points are written together, one transaction per batch
+  (:mod:`orchestrator.storage.group_commit`), each caller still getting its own answer or error.
 
 Opening a storage runs the Alembic migrations up to head under a lock, so several processes may open
 the same database at once.
@@ -474,7 +474,8 @@ class SQLStorage(Storage):
         await self._writes.submit_async(_report(point_id, lease_token, step, value, now, study_id))
 
     def _write_batch(self, batch: list[Pending[_Write]]) -> None:
-        """One transaction for the leases, reports and finishes queued meanwhile (see :class:`GroupCommit`).
+        """One transaction for the leases, reports, finishes and steering's points queued meanwhile (see
+        :class:`GroupCommit`).
 
         An item refused on its own merits (a stale lease, no point to lease) gets its error or result
         within the batch. Should the batch transaction fail as a whole (a concurrent process won a race
