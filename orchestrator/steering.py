@@ -39,9 +39,6 @@ STDERR_TAIL_CHARS = 300
 #: How a proposal process starts: a fresh interpreter, since forking a server that runs threads can
 #: copy a lock some thread holds.
 PROCESS_START_METHOD = "spawn"
-#: Niceness added to a proposal process: steering runs ahead of the workers (it keeps points ready), so
-#: when the CPUs are contended the request path comes first.
-PROPOSAL_NICENESS = 10
 #: Outcomes of a proposal made in another process.
 PROPOSED, REFUSED = "proposed", "refused"
 
@@ -167,7 +164,7 @@ class ProposalProcesses:
                 self._idle.put(None)
                 raise SteeringCancelled("the server is stopping")
             if pool is None:
-                pool = multiprocessing.get_context(PROCESS_START_METHOD).Pool(1, os.nice, (PROPOSAL_NICENESS,))
+                pool = multiprocessing.get_context(PROCESS_START_METHOD).Pool(1)
                 self._all.add(pool)
         return pool
 
