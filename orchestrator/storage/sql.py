@@ -41,6 +41,7 @@ import math
 import random
 import re
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -644,7 +645,9 @@ def _make_engine(url: URL) -> Engine:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
         if not memory:
-            cursor.execute("PRAGMA journal_mode = WAL")
+            # Switching a fresh file to WAL takes an exclusive lock, and where waiting for it could
+            # deadlock with another connection's write SQLite answers "locked" at once, busy timeout or not.
+            _retrying(lambda: cursor.execute("PRAGMA journal_mode = WAL"), (sqlite3.OperationalError,))
             cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
