@@ -33,6 +33,8 @@ T0 = 1_700_000_000.0
 LEASE_S = 10.0
 HOUR_S = 3600.0
 FAILED_LOSS = 1e5
+#: Bound on awaited storage calls, so that a coroutine never woken fails rather than hangs.
+ASYNC_TIMEOUT_S = 60.0
 
 MakeTask = Callable[..., Task]
 Points = Callable[[int], list[dict[str, float]]]
@@ -335,7 +337,7 @@ def test_awaitable_lease_report_and_finish_answer_as_the_blocking_ones(storage: 
         assert again.replayed and again.point == finished[0].point
         assert await storage.lease_async(study.id, "late") is None
 
-    asyncio.run(worker_calls())
+    asyncio.run(asyncio.wait_for(worker_calls(), ASYNC_TIMEOUT_S))
     assert storage.intermediate_values(study.id) == {
         point.id: {step: step / 10 for step in range(steps)} for point in storage.list_points(study.id)}
     assert storage.get_study(study.id).state == StudyState.COMPLETED

@@ -111,7 +111,7 @@ def test_coroutines_are_written_together_by_the_writer_thread() -> None:
         calls = asyncio.gather(*(group.submit_async(item) for item in range(-1, THREADS - 1)),
                                return_exceptions=True)
         loop.call_later(RELEASE_AFTER_S, release.set)
-        return await calls
+        return await asyncio.wait_for(calls, QUEUE_TIMEOUT_S)
 
     try:
         outcomes = asyncio.run(main())
@@ -143,7 +143,8 @@ def test_threads_and_coroutines_share_one_queue_and_never_write_at_once() -> Non
     per_kind = 200
 
     async def coroutines() -> list[Any]:
-        return await asyncio.gather(*(group.submit_async(item) for item in range(per_kind)))
+        return await asyncio.wait_for(asyncio.gather(*(group.submit_async(item) for item in range(per_kind))),
+                                      QUEUE_TIMEOUT_S)
 
     try:
         with ThreadPoolExecutor(THREADS) as pool:
@@ -164,7 +165,7 @@ def test_a_failed_batch_fails_every_coroutine_in_it() -> None:
     group = GroupCommit(write)
     try:
         with pytest.raises(RuntimeError, match="disk full"):
-            asyncio.run(group.submit_async(1))
+            asyncio.run(asyncio.wait_for(group.submit_async(1), QUEUE_TIMEOUT_S))
     finally:
         group.close()
 
