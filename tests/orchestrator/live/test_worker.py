@@ -14,6 +14,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 WORKER_TIMEOUT_S = 90
+STEERING_TIMEOUT_S = 60
 
 
 def _finish(proc: subprocess.Popen[bytes], log: Path, timeout: float = WORKER_TIMEOUT_S) -> int:
@@ -97,6 +98,9 @@ def test_walltime_stops_before_a_point_that_cannot_finish(kit: Any, server: Any,
                                                           tmp_path: Path) -> None:
     task = kit.make_task(4, sleep=2.0, parallel=2)
     study = kit.create_study(server, task)
+    # The walltime is tight on purpose; the first steering run (a fresh proposal process) must not eat it.
+    kit.wait_for(lambda: kit.query(server.db_path, "SELECT count(*) FROM points WHERE study_id = ?",
+                                   study.id)[0][0], STEERING_TIMEOUT_S, "the first points of the study")
     workdir = tmp_path / "wall"
     proc = kit.start_worker(server, study, workdir, payload_dir, "--walltime", "3.6s")
     assert _finish(proc, Path(f"{workdir}.log")) == 0
