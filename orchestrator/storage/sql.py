@@ -579,13 +579,8 @@ class SQLStorage(Storage):
                                  .where(STUDIES.c.id == study_id)).first()
             if study is None:
                 raise NotFoundError(f"study {study_id} not found")
-            open_states = (PointState.NEW.value, PointState.RUNNING.value)
-            by_state = dict(conn.execute(select(POINTS.c.state, func.count())
-                                         .where(POINTS.c.study_id == study_id, POINTS.c.state.in_(open_states))
-                                         .group_by(POINTS.c.state)).all())
-            return Progress(new=by_state.get(PointState.NEW.value, 0),
-                            running=by_state.get(PointState.RUNNING.value, 0),
-                            total=study.n_points, evaluation_jobs=study.evaluation_jobs)
+            open_counts = _state_counts(conn, study_id, (PointState.NEW, PointState.RUNNING))
+            return Progress(**open_counts, total=study.n_points, evaluation_jobs=study.evaluation_jobs)
 
         return self._run_core(work, write=False)
 
@@ -802,10 +797,14 @@ def _set_state(study: StudyRow, state: StudyState, message: str | None, at: floa
     study.state, study.message, study.updated_at = state, message, at
 
 
-def _state_counts(s: Session | Connection, study_id: int) -> dict[str, int]:
-    counts = {state.value: 0 for state in PointState}
-    rows = s.execute(select(PointRow.state, func.count()).where(PointRow.study_id == study_id)
-                     .group_by(PointRow.state))
+def _state_counts(s: Session | Connection, study_id: int,
+                  states: Sequence[PointState] = tuple(PointState)) -> dict[str, int]:
+    """The study's points counted by state, for ``states`` only (every state by default)."""
+    counts = {state.value: 0 for state in states}
+    query = select(PointRow.state, func.count()).where(PointRow.study_id == study_id).group_by(PointRow.state)
+    if len(counts) < len(PointState):
+        query = query.where(PointRow.state.in_(list(counts)))
+    rows = s.execute(query)
     for state, n in rows:
         counts[state] = n
     return counts
